@@ -1,0 +1,1 @@
+//! minibatch-data (placeholder while the crate is written).

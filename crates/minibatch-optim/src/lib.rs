@@ -1,0 +1,1 @@
+//! minibatch-optim (placeholder while the crate is written).

@@ -1,0 +1,1 @@
+//! minibatch-train (placeholder while the crate is written).
