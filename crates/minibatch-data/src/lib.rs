@@ -1,1 +1,67 @@
-//! minibatch-data (placeholder while the crate is written).
+//! Datasets, samplers and a seeded, resumable `DataLoader` for candle.
+//!
+//! The pieces mirror PyTorch's `torch.utils.data`: a [`Dataset`] is indexed by
+//! a [`Sampler`] whose order is a pure function of `(seed, epoch)`, and a
+//! [`DataLoader`] cuts that order into batches, gathering each batch of a
+//! [`TensorDataset`] with one `index_select` per tensor.
+//!
+//! ```
+//! use candle_core::{Device, Tensor};
+//! use minibatch_data::{DataLoader, TensorDataset};
+//! # fn main() -> minibatch_data::Result<()> {
+//! let device = Device::Cpu;
+//! let x = Tensor::randn(0f32, 1., (100, 8), &device)?;
+//! let y = Tensor::arange(0u32, 100, &device)?;
+//! let loader = DataLoader::builder(TensorDataset::new(vec![x, y])?)
+//!     .batch_size(32)
+//!     .shuffle(42)
+//!     .drop_last(false)
+//!     .build()?;
+//! for epoch in 0..2 {
+//!     for batch in loader.epoch(epoch) {
+//!         let (x, y) = batch?.into_pair()?;
+//!         assert_eq!(x.dims()[0], y.dims()[0]);
+//!     }
+//! }
+//! # Ok(())
+//! # }
+//! ```
+#![warn(missing_docs)]
+
+mod batch;
+mod collate;
+mod concat;
+mod dataset;
+mod device;
+mod epoch;
+mod error;
+mod fn_dataset;
+pub mod idx;
+mod loader;
+mod map;
+mod map_batch;
+pub mod mnist;
+pub mod rng;
+pub mod sampler;
+mod split;
+mod subset;
+mod tensor_dataset;
+
+pub use batch::{Batch, Sample};
+pub use collate::collate;
+pub use concat::ConcatDataset;
+pub use dataset::Dataset;
+pub use device::{available_devices, parse_device};
+pub use epoch::Epoch;
+pub use error::{DataError, Result};
+pub use fn_dataset::FnDataset;
+pub use loader::{DataLoader, DataLoaderBuilder};
+pub use map::{Map, TransformContext};
+pub use map_batch::MapBatch;
+pub use sampler::{
+    BatchSampler, DistributedSampler, FixedOrderSampler, RandomSampler, Sampler, SequentialSampler,
+    SubsetRandomSampler, WeightedRandomSampler,
+};
+pub use split::{random_split, split_lengths, SplitSizes};
+pub use subset::Subset;
+pub use tensor_dataset::TensorDataset;

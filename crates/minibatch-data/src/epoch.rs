@@ -1,0 +1,240 @@
+//! `Epoch`: the batch iterator of one epoch, with optional worker threads.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use candle_core::Device;
+
+use crate::batch::Batch;
+use crate::dataset::Dataset;
+use crate::error::{DataError, Result};
+use crate::loader::DataLoader;
+
+/// What every batch of one epoch needs; shared with worker threads.
+struct Plan {
+    dataset: Arc<dyn Dataset>,
+    order: Vec<usize>,
+    batch_size: usize,
+    num_batches: usize,
+    epoch: u64,
+    device: Option<Device>,
+}
+
+impl Plan {
+    fn batch(&self, b: usize) -> Result<Batch> {
+        let start = b * self.batch_size;
+        let end = (start + self.batch_size).min(self.order.len());
+        let batch = self
+            .dataset
+            .get_batch_in_epoch(&self.order[start..end], self.epoch)?;
+        match &self.device {
+            Some(d) => batch.to_device(d),
+            None => Ok(batch),
+        }
+    }
+}
+
+/// Worker threads for one epoch, started at batch `start`: worker `w` builds
+/// batches `start + w`, `start + w + n`, ... into its own bounded channel, and
+/// the consumer reads the channels round-robin, so the order is exactly that
+/// of the single-threaded loop.
+struct Pool {
+    start: usize,
+    receivers: Vec<Receiver<Result<Batch>>>,
+    handles: Vec<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Pool {
+    fn spawn(plan: &Arc<Plan>, start: usize, workers: usize, prefetch: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut receivers = Vec::with_capacity(workers);
+        let mut handles = Vec::with_capacity(workers);
+        for w in 0..workers {
+            let (tx, rx) = sync_channel::<Result<Batch>>(prefetch);
+            let plan = Arc::clone(plan);
+            let stop = Arc::clone(&stop);
+            let spawned = std::thread::Builder::new()
+                .name(format!("minibatch-worker-{w}"))
+                .spawn(move || {
+                    let mut b = start + w;
+                    while b < plan.num_batches && !stop.load(Ordering::Relaxed) {
+                        let item =
+                            catch_unwind(AssertUnwindSafe(|| plan.batch(b))).unwrap_or_else(|p| {
+                                let msg = p
+                                    .downcast_ref::<&str>()
+                                    .map(|s| s.to_string())
+                                    .or_else(|| p.downcast_ref::<String>().cloned())
+                                    .unwrap_or_else(|| "unknown panic".into());
+                                Err(DataError::Worker(format!(
+                                    "worker {w} panicked building batch {b}: {msg}"
+                                )))
+                            });
+                        if tx.send(item).is_err() {
+                            break; // the consumer went away
+                        }
+                        b += workers;
+                    }
+                });
+            match spawned {
+                Ok(h) => {
+                    handles.push(h);
+                    receivers.push(rx);
+                }
+                Err(e) => {
+                    // Could not start a thread: report it in place of this worker's batches.
+                    let (tx, rx) = sync_channel(1);
+                    let _ = tx.send(Err(DataError::Worker(format!(
+                        "cannot spawn worker thread: {e}"
+                    ))));
+                    receivers.push(rx);
+                }
+            }
+        }
+        Self {
+            start,
+            receivers,
+            handles,
+            stop,
+        }
+    }
+
+    fn recv(&self, b: usize) -> Result<Batch> {
+        let w = (b - self.start) % self.receivers.len();
+        self.receivers[w].recv().unwrap_or_else(|_| {
+            Err(DataError::Worker(format!(
+                "worker {w} stopped before batch {b}"
+            )))
+        })
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Dropping the receivers unblocks workers waiting in `send`.
+        self.receivers.clear();
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+/// The batches of one epoch: an `Iterator<Item = Result<Batch>>` returned by
+/// [`DataLoader::epoch`].
+///
+/// Batch `b` holds the samples at positions `b * batch_size ..` of the
+/// sampler's order for this epoch. With workers, batches are built ahead on
+/// background threads; dropping the iterator early stops and joins them
+/// (after at most the batch each is building). A failed batch is an `Err`
+/// item; iteration may continue past it.
+pub struct Epoch {
+    plan: Arc<Plan>,
+    pos: usize,
+    workers: usize,
+    prefetch: usize,
+    pool: Option<Pool>,
+}
+
+impl Epoch {
+    pub(crate) fn new(loader: &DataLoader, epoch: u64) -> Self {
+        let order = loader.batches.sampler().indices(epoch);
+        let plan = Plan {
+            dataset: Arc::clone(&loader.dataset),
+            order,
+            batch_size: loader.batches.batch_size(),
+            num_batches: loader.batches.len(),
+            epoch,
+            device: loader.device.clone(),
+        };
+        let workers = if loader.uses_workers() {
+            loader.num_workers
+        } else {
+            0
+        };
+        Self {
+            plan: Arc::new(plan),
+            pos: 0,
+            workers,
+            prefetch: loader.prefetch,
+            pool: None,
+        }
+    }
+
+    /// Continues from batch `batch_index` (counted from the start of the
+    /// epoch): the iterator then yields exactly the batches an uninterrupted
+    /// run would yield from that index on, without building the skipped ones.
+    /// An index `>= len()` of the loader yields nothing. Any worker threads
+    /// already running are stopped and restarted at the new position.
+    ///
+    /// ```
+    /// # use candle_core::{Device, Tensor};
+    /// # use minibatch_data::{DataLoader, TensorDataset};
+    /// # let ds = TensorDataset::new(vec![Tensor::arange(0u32, 10, &Device::Cpu).unwrap()]).unwrap();
+    /// let loader = DataLoader::builder(ds).batch_size(3).shuffle(1).build().unwrap();
+    /// let full: Vec<_> = loader.epoch(2).map(|b| b.unwrap().tensors()[0].to_vec1::<u32>().unwrap()).collect();
+    /// let tail: Vec<_> = loader.epoch(2).skip_to(2).map(|b| b.unwrap().tensors()[0].to_vec1::<u32>().unwrap()).collect();
+    /// assert_eq!(&full[2..], &tail[..]);
+    /// ```
+    pub fn skip_to(mut self, batch_index: usize) -> Self {
+        self.pool = None;
+        self.pos = batch_index.min(self.plan.num_batches);
+        self
+    }
+
+    /// The epoch number.
+    pub fn epoch(&self) -> u64 {
+        self.plan.epoch
+    }
+
+    /// The index of the next batch this iterator will yield.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    /// The sample order of this epoch (all batches, including skipped ones).
+    pub fn order(&self) -> &[usize] {
+        &self.plan.order
+    }
+}
+
+impl Iterator for Epoch {
+    type Item = Result<Batch>;
+
+    fn next(&mut self) -> Option<Result<Batch>> {
+        if self.pos >= self.plan.num_batches {
+            self.pool = None;
+            return None;
+        }
+        let b = self.pos;
+        self.pos += 1;
+        if self.workers == 0 {
+            return Some(self.plan.batch(b));
+        }
+        let pool = self
+            .pool
+            .get_or_insert_with(|| Pool::spawn(&self.plan, b, self.workers, self.prefetch));
+        Some(pool.recv(b))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let left = self.plan.num_batches - self.pos;
+        (left, Some(left))
+    }
+}
+
+impl ExactSizeIterator for Epoch {}
+
+impl std::fmt::Debug for Epoch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Epoch")
+            .field("epoch", &self.plan.epoch)
+            .field("pos", &self.pos)
+            .field("num_batches", &self.plan.num_batches)
+            .field("workers", &self.workers)
+            .finish()
+    }
+}

@@ -1,0 +1,238 @@
+//! `DataLoader` and its builder.
+
+use std::sync::Arc;
+
+use candle_core::Device;
+
+use crate::dataset::Dataset;
+use crate::epoch::Epoch;
+use crate::error::{DataError, Result};
+use crate::sampler::{BatchSampler, RandomSampler, Sampler, SequentialSampler};
+
+/// Turns a [`Dataset`] into seeded, shuffled, resumable mini-batches
+/// (PyTorch's `DataLoader`).
+///
+/// The loader is immutable, `Send + Sync` and cheap to share by reference;
+/// each call to [`epoch`](DataLoader::epoch) returns an independent iterator
+/// whose order is a pure function of the sampler configuration and the epoch
+/// number, so runs (and resumed runs, via [`Epoch::skip_to`]) are reproducible
+/// to the bit and independent of `num_workers`.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use minibatch_data::{DataLoader, TensorDataset};
+/// let x = Tensor::arange(0f32, 20., &Device::Cpu).unwrap().reshape((10, 2)).unwrap();
+/// let y = Tensor::arange(0u32, 10, &Device::Cpu).unwrap();
+/// let loader = DataLoader::builder(TensorDataset::new(vec![x, y]).unwrap())
+///     .batch_size(4)
+///     .shuffle(42)
+///     .build()
+///     .unwrap();
+/// assert_eq!(loader.len(), 3); // 4 + 4 + 2
+/// let mut seen = 0;
+/// for batch in loader.epoch(0) {
+///     let (x, y) = batch.unwrap().into_pair().unwrap();
+///     assert_eq!(x.dims()[0], y.dims()[0]);
+///     seen += y.dims()[0];
+/// }
+/// assert_eq!(seen, 10);
+/// ```
+#[derive(Clone)]
+pub struct DataLoader {
+    pub(crate) dataset: Arc<dyn Dataset>,
+    pub(crate) batches: BatchSampler,
+    pub(crate) device: Option<Device>,
+    pub(crate) num_workers: usize,
+    pub(crate) prefetch: usize,
+}
+
+impl DataLoader {
+    /// Starts configuring a loader over `dataset` (batch size 1, sequential
+    /// order, keep the tail batch, no workers, prefetch 2).
+    pub fn builder(dataset: impl Dataset + 'static) -> DataLoaderBuilder {
+        DataLoaderBuilder::from_arc(Arc::new(dataset))
+    }
+    /// Batches per epoch.
+    pub fn len(&self) -> usize {
+        self.batches.len()
+    }
+    /// Whether an epoch has no batches.
+    pub fn is_empty(&self) -> bool {
+        self.batches.is_empty()
+    }
+    /// The configured batch size (the last batch may be shorter unless `drop_last`).
+    pub fn batch_size(&self) -> usize {
+        self.batches.batch_size()
+    }
+    /// Samples yielded per epoch: the sampler's length, minus the dropped tail
+    /// when `drop_last` is set.
+    pub fn num_samples(&self) -> usize {
+        if self.batches.drop_last() {
+            self.batches.len() * self.batches.batch_size()
+        } else {
+            self.batches.sampler().len()
+        }
+    }
+    /// Whether the short tail batch is dropped.
+    pub fn drop_last(&self) -> bool {
+        self.batches.drop_last()
+    }
+    /// The dataset.
+    pub fn dataset(&self) -> &Arc<dyn Dataset> {
+        &self.dataset
+    }
+    /// The sampler that orders each epoch.
+    pub fn sampler(&self) -> &Arc<dyn Sampler> {
+        self.batches.sampler()
+    }
+    /// The device batches are moved to, if one was set.
+    pub fn device(&self) -> Option<&Device> {
+        self.device.as_ref()
+    }
+    /// The number of background worker threads requested.
+    pub fn num_workers(&self) -> usize {
+        self.num_workers
+    }
+    /// Whether epochs really use worker threads: `num_workers > 0` and the
+    /// dataset is not an in-memory one (see [`Dataset::is_in_memory`]).
+    pub fn uses_workers(&self) -> bool {
+        self.num_workers > 0 && !self.dataset.is_in_memory()
+    }
+    /// The batches of epoch `epoch`, in order. The sample order is computed
+    /// here (one sampler call); batches are built lazily as the iterator advances.
+    pub fn epoch(&self, epoch: u64) -> Epoch {
+        Epoch::new(self, epoch)
+    }
+}
+
+impl std::fmt::Debug for DataLoader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataLoader")
+            .field("len", &self.len())
+            .field("batches", &self.batches)
+            .field("device", &self.device)
+            .field("num_workers", &self.num_workers)
+            .field("prefetch", &self.prefetch)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Configures a [`DataLoader`]; see [`DataLoader::builder`].
+#[must_use]
+pub struct DataLoaderBuilder {
+    dataset: Arc<dyn Dataset>,
+    batch_size: usize,
+    shuffle: Option<u64>,
+    sampler: Option<Arc<dyn Sampler>>,
+    drop_last: bool,
+    device: Option<Device>,
+    num_workers: usize,
+    prefetch: usize,
+}
+
+impl DataLoaderBuilder {
+    /// A builder over an already shared dataset.
+    pub fn from_arc(dataset: Arc<dyn Dataset>) -> Self {
+        Self {
+            dataset,
+            batch_size: 1,
+            shuffle: None,
+            sampler: None,
+            drop_last: false,
+            device: None,
+            num_workers: 0,
+            prefetch: 2,
+        }
+    }
+    /// Samples per batch (must be >= 1).
+    pub fn batch_size(mut self, batch_size: usize) -> Self {
+        self.batch_size = batch_size;
+        self
+    }
+    /// Shuffle every epoch with a [`RandomSampler`] seeded by `seed`.
+    /// Cannot be combined with [`sampler`](Self::sampler).
+    pub fn shuffle(mut self, seed: u64) -> Self {
+        self.shuffle = Some(seed);
+        self
+    }
+    /// Use `sampler` to order each epoch. Cannot be combined with [`shuffle`](Self::shuffle).
+    pub fn sampler(mut self, sampler: impl Sampler + 'static) -> Self {
+        self.sampler = Some(Arc::new(sampler));
+        self
+    }
+    /// Drop the last batch when it is shorter than the batch size.
+    pub fn drop_last(mut self, drop_last: bool) -> Self {
+        self.drop_last = drop_last;
+        self
+    }
+    /// Move every batch to `device` (a no-op for data already there; for a
+    /// dataset that fits on the GPU prefer [`TensorDataset::to_device`](crate::TensorDataset::to_device) once).
+    pub fn to_device(mut self, device: &Device) -> Self {
+        self.device = Some(device.clone());
+        self
+    }
+    /// Build batches on this many background threads (0 = on the iterating
+    /// thread). Batch order does not depend on it. Ignored for in-memory
+    /// datasets, whose batches are cheaper to gather inline.
+    pub fn num_workers(mut self, num_workers: usize) -> Self {
+        self.num_workers = num_workers;
+        self
+    }
+    /// Batches each worker may hold ready ahead of the consumer (>= 1).
+    pub fn prefetch(mut self, prefetch: usize) -> Self {
+        self.prefetch = prefetch;
+        self
+    }
+    /// Validates the configuration: batch size 0 ([`DataError::ZeroBatchSize`]),
+    /// an empty dataset or sampler ([`DataError::EmptyDataset`]), `shuffle` together with
+    /// `sampler` or `prefetch(0)` with workers ([`DataError::InvalidConfig`]).
+    pub fn build(self) -> Result<DataLoader> {
+        if self.batch_size == 0 {
+            return Err(DataError::ZeroBatchSize);
+        }
+        if self.dataset.is_empty() {
+            return Err(DataError::EmptyDataset(
+                "the DataLoader's dataset has no samples".into(),
+            ));
+        }
+        if self.num_workers > 0 && self.prefetch == 0 {
+            return Err(DataError::InvalidConfig(
+                "prefetch must be at least 1 when num_workers > 0".into(),
+            ));
+        }
+        let n = self.dataset.len();
+        let sampler: Arc<dyn Sampler> = match (self.shuffle, self.sampler) {
+            (Some(_), Some(_)) => return Err(DataError::InvalidConfig(
+                "shuffle(seed) and sampler(..) are mutually exclusive; put the seed in the sampler"
+                    .into(),
+            )),
+            (Some(seed), None) => Arc::new(RandomSampler::new(n, seed)),
+            (None, Some(s)) => s,
+            (None, None) => Arc::new(SequentialSampler::new(n)),
+        };
+        if sampler.is_empty() {
+            return Err(DataError::EmptyDataset(
+                "the DataLoader's sampler yields no indices".into(),
+            ));
+        }
+        let batches = BatchSampler::from_arc(sampler, self.batch_size, self.drop_last)?;
+        Ok(DataLoader {
+            dataset: self.dataset,
+            batches,
+            device: self.device,
+            num_workers: self.num_workers,
+            prefetch: self.prefetch.max(1),
+        })
+    }
+}
+
+impl std::fmt::Debug for DataLoaderBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataLoaderBuilder")
+            .field("batch_size", &self.batch_size)
+            .field("shuffle", &self.shuffle)
+            .field("drop_last", &self.drop_last)
+            .field("num_workers", &self.num_workers)
+            .finish_non_exhaustive()
+    }
+}
