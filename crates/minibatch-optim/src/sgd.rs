@@ -1,0 +1,214 @@
+//! Stochastic gradient descent with momentum, dampening, Nesterov momentum,
+//! weight decay and maximisation (`torch.optim.SGD`).
+
+use candle_core::{Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::error::check_non_negative;
+use crate::{Float, GenericOptimizer, OptimError, Result, UpdateRule};
+
+/// Hyperparameters of [`Sgd`] (PyTorch's `torch.optim.SGD` keyword names and
+/// defaults; `lr` defaults to PyTorch's 1e-3).
+///
+/// With gradient `g`, parameter `θ`, momentum buffer `b`, at step `t`:
+///
+/// ```text
+/// g ← −g                                   if maximize
+/// g ← g + weight_decay · θ                 if weight_decay ≠ 0
+/// b ← g                                     if t = 1
+/// b ← momentum · b + (1 − dampening) · g    otherwise      (if momentum ≠ 0)
+/// g ← g + momentum · b  if nesterov,  else g ← b           (if momentum ≠ 0)
+/// θ ← θ − lr · g
+/// ```
+///
+/// State: `momentum_buffer` (only when `momentum ≠ 0`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SgdConfig {
+    /// Learning rate.
+    pub lr: f64,
+    /// Momentum factor (0 = plain SGD).
+    pub momentum: f64,
+    /// Dampening of the gradient added to the momentum buffer.
+    pub dampening: f64,
+    /// L2 penalty added to the gradient.
+    pub weight_decay: f64,
+    /// Nesterov momentum (needs momentum > 0 and dampening = 0).
+    pub nesterov: bool,
+    /// Maximise the objective instead of minimising it.
+    pub maximize: bool,
+}
+
+impl Default for SgdConfig {
+    fn default() -> Self {
+        Self {
+            lr: 1e-3,
+            momentum: 0.0,
+            dampening: 0.0,
+            weight_decay: 0.0,
+            nesterov: false,
+            maximize: false,
+        }
+    }
+}
+
+/// SGD (`torch.optim.SGD`): see [`SgdConfig`] for the maths.
+///
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// use minibatch_optim::{Optimizer, Sgd, SgdConfig};
+/// # fn main() -> minibatch_optim::Result<()> {
+/// let w = Var::new(&[1.0f32, -2.0], &Device::Cpu)?;
+/// let cfg = SgdConfig { lr: 0.1, momentum: 0.9, nesterov: true, ..Default::default() };
+/// let mut opt = Sgd::new(vec![w.clone()], cfg)?;
+/// for _ in 0..50 {
+///     let loss = w.as_tensor().sqr()?.sum_all()?;
+///     opt.backward_step(&loss)?;
+/// }
+/// assert!(w.as_tensor().sqr()?.sum_all()?.to_scalar::<f32>()? < 1e-3);
+/// # Ok(()) }
+/// ```
+pub type Sgd = GenericOptimizer<SgdConfig>;
+
+impl Sgd {
+    /// Plain mini-batch gradient descent: `θ ← θ − lr · g` (no momentum).
+    pub fn minibatch_gd(vars: Vec<Var>, lr: f64) -> Result<Self> {
+        Self::new(
+            vars,
+            SgdConfig {
+                lr,
+                ..Default::default()
+            },
+        )
+    }
+}
+
+#[inline(always)]
+fn sgd_momentum<F: Float, const NESTEROV: bool, const FIRST: bool>(
+    c: &SgdConfig,
+    param: &mut [F],
+    grad: &[F],
+    buf: &mut [F],
+) {
+    let neg_lr = F::from_f64(-c.lr);
+    let mom = F::from_f64(c.momentum);
+    let damp = F::from_f64(1.0 - c.dampening);
+    let wd = F::from_f64(c.weight_decay);
+    let (max, decay) = (c.maximize, c.weight_decay != 0.0);
+    let n = param.len();
+    let (param, grad, buf) = (&mut param[..n], &grad[..n], &mut buf[..n]);
+    for j in 0..n {
+        let mut d = if max { -grad[j] } else { grad[j] };
+        if decay {
+            d += wd * param[j];
+        }
+        let b = if FIRST { d } else { buf[j] * mom + damp * d };
+        buf[j] = b;
+        let u = if NESTEROV { d + mom * b } else { b };
+        param[j] += neg_lr * u;
+    }
+}
+
+impl UpdateRule for SgdConfig {
+    const KIND: &'static str = "SGD";
+
+    fn learning_rate(&self) -> f64 {
+        self.lr
+    }
+
+    fn set_learning_rate(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+
+    fn validate(&self) -> Result<()> {
+        check_non_negative("lr", self.lr)?;
+        check_non_negative("momentum", self.momentum)?;
+        check_non_negative("weight_decay", self.weight_decay)?;
+        if !self.dampening.is_finite() {
+            return Err(OptimError::InvalidHyperparameter {
+                name: "dampening",
+                value: self.dampening.to_string(),
+                reason: "must be finite",
+            });
+        }
+        if self.nesterov && (self.momentum <= 0.0 || self.dampening != 0.0) {
+            return Err(OptimError::InvalidHyperparameter {
+                name: "nesterov",
+                value: "true".into(),
+                reason: "Nesterov momentum requires a momentum > 0 and zero dampening",
+            });
+        }
+        Ok(())
+    }
+
+    fn state_names(&self) -> &'static [&'static str] {
+        if self.momentum != 0.0 {
+            &["momentum_buffer"]
+        } else {
+            &[]
+        }
+    }
+
+    fn update<F: Float>(&self, step: u64, param: &mut [F], grad: &[F], state: &mut [&mut [F]]) {
+        if self.momentum == 0.0 {
+            let neg_lr = F::from_f64(-self.lr);
+            let wd = F::from_f64(self.weight_decay);
+            let (max, decay) = (self.maximize, self.weight_decay != 0.0);
+            for (p, &g) in param.iter_mut().zip(grad) {
+                let mut d = if max { -g } else { g };
+                if decay {
+                    d += wd * *p;
+                }
+                *p += neg_lr * d;
+            }
+            return;
+        }
+        let buf = &mut *state[0];
+        match (self.nesterov, step == 1) {
+            (false, false) => sgd_momentum::<F, false, false>(self, param, grad, buf),
+            (false, true) => sgd_momentum::<F, false, true>(self, param, grad, buf),
+            (true, false) => sgd_momentum::<F, true, false>(self, param, grad, buf),
+            (true, true) => sgd_momentum::<F, true, true>(self, param, grad, buf),
+        }
+    }
+
+    fn update_tensors(
+        &self,
+        step: u64,
+        param: &Tensor,
+        grad: &Tensor,
+        state: &mut [Tensor],
+    ) -> Result<Option<Tensor>> {
+        let mut d = if self.maximize {
+            grad.neg()?
+        } else {
+            grad.clone()
+        };
+        if self.weight_decay != 0.0 {
+            d = (d + param.affine(self.weight_decay, 0.0)?)?;
+        }
+        if self.momentum != 0.0 {
+            let b = if step == 1 {
+                d.clone()
+            } else {
+                (state[0].affine(self.momentum, 0.0)? + d.affine(1.0 - self.dampening, 0.0)?)?
+            };
+            d = if self.nesterov {
+                (d + b.affine(self.momentum, 0.0)?)?
+            } else {
+                b.clone()
+            };
+            state[0] = b;
+        }
+        Ok(Some((param + d.affine(-self.lr, 0.0)?)?))
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_default()
+    }
+
+    fn load_json(&mut self, value: &serde_json::Value) -> Result<()> {
+        *self = serde_json::from_value(value.clone())
+            .map_err(|e| OptimError::CorruptState(format!("SGD hyperparameters: {e}")))?;
+        Ok(())
+    }
+}
