@@ -1,0 +1,272 @@
+//! Training history: one record per epoch and per optimizer step, written as
+//! CSV and JSON.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TrainError};
+
+/// What happened in one epoch.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    /// The epoch number (0-based).
+    pub epoch: u64,
+    /// Optimizer steps taken so far (global, after this epoch).
+    pub steps: u64,
+    /// Mean training loss over the epoch's samples.
+    pub train_loss: f64,
+    /// Training metrics by name (for example `accuracy`).
+    pub train_metrics: BTreeMap<String, f64>,
+    /// Mean validation loss, when a validation loader is set.
+    pub val_loss: Option<f64>,
+    /// Validation metrics by name.
+    pub val_metrics: BTreeMap<String, f64>,
+    /// The learning rate in force at the end of the epoch (before an epoch schedule steps).
+    pub lr: f64,
+    /// Wall time of the training part of the epoch, seconds.
+    pub epoch_time_s: f64,
+    /// Training samples per second.
+    pub samples_per_s: f64,
+    /// Share of the epoch's wall time spent waiting for the loader (0..1).
+    pub data_wait_share: f64,
+}
+
+impl EpochRecord {
+    /// Looks a quantity up by name: `train_loss`, `val_loss`, `lr`,
+    /// `train_<metric>`, `val_<metric>`.
+    pub fn get(&self, name: &str) -> Option<f64> {
+        match name {
+            "train_loss" | "loss" => Some(self.train_loss),
+            "val_loss" => self.val_loss,
+            "lr" => Some(self.lr),
+            _ => {
+                if let Some(m) = name.strip_prefix("val_") {
+                    self.val_metrics.get(m).copied()
+                } else if let Some(m) = name.strip_prefix("train_") {
+                    self.train_metrics.get(m).copied()
+                } else {
+                    None
+                }
+            }
+        }
+    }
+
+    /// The names [`EpochRecord::get`] answers for this record.
+    pub fn names(&self) -> Vec<String> {
+        let mut v = vec!["train_loss".to_string(), "lr".to_string()];
+        v.extend(self.train_metrics.keys().map(|k| format!("train_{k}")));
+        if self.val_loss.is_some() {
+            v.push("val_loss".into());
+        }
+        v.extend(self.val_metrics.keys().map(|k| format!("val_{k}")));
+        v
+    }
+}
+
+/// One optimizer step.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    /// Global optimizer step (0-based: the step this record's update was).
+    pub step: u64,
+    /// The epoch it belongs to.
+    pub epoch: u64,
+    /// Index (within the epoch) of the last batch folded into this step.
+    pub batch: u64,
+    /// Loss of the step (mean over its micro-batches), before the update.
+    pub loss: f64,
+    /// Learning rate used for the update.
+    pub lr: f64,
+}
+
+/// Per-epoch and per-step records of a run.
+///
+/// ```
+/// use minibatch_train::{EpochRecord, History};
+/// let mut h = History::default();
+/// h.epochs.push(EpochRecord { epoch: 0, train_loss: 0.5, ..Default::default() });
+/// let csv = h.epochs_csv();
+/// assert!(csv.starts_with("epoch,steps,train_loss"));
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct History {
+    /// One record per finished epoch.
+    pub epochs: Vec<EpochRecord>,
+    /// One record per optimizer step.
+    pub steps: Vec<StepRecord>,
+}
+
+fn fmt_opt(v: Option<f64>) -> String {
+    v.map(|x| format!("{x}")).unwrap_or_default()
+}
+
+impl History {
+    /// The epoch table as CSV (metric columns are the union over epochs).
+    pub fn epochs_csv(&self) -> String {
+        let mut train_names: Vec<&String> = Vec::new();
+        let mut val_names: Vec<&String> = Vec::new();
+        for e in &self.epochs {
+            for k in e.train_metrics.keys() {
+                if !train_names.contains(&k) {
+                    train_names.push(k);
+                }
+            }
+            for k in e.val_metrics.keys() {
+                if !val_names.contains(&k) {
+                    val_names.push(k);
+                }
+            }
+        }
+        let mut out = String::from("epoch,steps,train_loss");
+        for k in &train_names {
+            out.push_str(&format!(",train_{k}"));
+        }
+        out.push_str(",val_loss");
+        for k in &val_names {
+            out.push_str(&format!(",val_{k}"));
+        }
+        out.push_str(",lr,epoch_time_s,samples_per_s,data_wait_share\n");
+        for e in &self.epochs {
+            out.push_str(&format!("{},{},{}", e.epoch, e.steps, e.train_loss));
+            for k in &train_names {
+                out.push_str(&format!(",{}", fmt_opt(e.train_metrics.get(*k).copied())));
+            }
+            out.push_str(&format!(",{}", fmt_opt(e.val_loss)));
+            for k in &val_names {
+                out.push_str(&format!(",{}", fmt_opt(e.val_metrics.get(*k).copied())));
+            }
+            out.push_str(&format!(
+                ",{},{},{},{}\n",
+                e.lr, e.epoch_time_s, e.samples_per_s, e.data_wait_share
+            ));
+        }
+        out
+    }
+
+    /// The step table as CSV.
+    pub fn steps_csv(&self) -> String {
+        let mut out = String::from("step,epoch,batch,loss,lr\n");
+        for s in &self.steps {
+            out.push_str(&format!(
+                "{},{},{},{},{}\n",
+                s.step, s.epoch, s.batch, s.loss, s.lr
+            ));
+        }
+        out
+    }
+
+    /// The whole history as pretty JSON.
+    pub fn to_json(&self) -> Result<String> {
+        serde_json::to_string_pretty(self).map_err(|e| TrainError::json("history", e))
+    }
+
+    /// Parses what [`History::to_json`] wrote.
+    pub fn from_json(text: &str) -> Result<Self> {
+        serde_json::from_str(text).map_err(|e| TrainError::json("history", e))
+    }
+
+    /// Writes `history_epochs.csv`, `history_steps.csv` and `history.json`
+    /// into `dir` (created if needed), each atomically. Returns the paths.
+    pub fn save(&self, dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+        std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
+        let files = [
+            ("history_epochs.csv", self.epochs_csv()),
+            ("history_steps.csv", self.steps_csv()),
+            ("history.json", self.to_json()?),
+        ];
+        let mut paths = Vec::new();
+        for (name, text) in files {
+            let p = dir.join(name);
+            write_atomic(&p, text.as_bytes())?;
+            paths.push(p);
+        }
+        Ok(paths)
+    }
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same
+/// directory, fsync, rename over `path`, fsync of the directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
+    let dir = dir.unwrap_or_else(|| Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| TrainError::Config(format!("{} is not a file path", path.display())))?;
+    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
+    {
+        let mut f = std::fs::File::create(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+        f.write_all(bytes).map_err(|e| TrainError::io(&tmp, e))?;
+        f.sync_all().map_err(|e| TrainError::io(&tmp, e))?;
+    }
+    std::fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))?;
+    sync_dir(dir);
+    Ok(())
+}
+
+/// Best-effort fsync of a directory (makes renames durable on Unix).
+pub(crate) fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> History {
+        let mut h = History::default();
+        for e in 0..2u64 {
+            let mut r = EpochRecord {
+                epoch: e,
+                steps: 10 * (e + 1),
+                train_loss: 1.0 / (e + 1) as f64,
+                val_loss: Some(0.9),
+                lr: 0.1,
+                ..Default::default()
+            };
+            r.train_metrics.insert("accuracy".into(), 0.5);
+            r.val_metrics.insert("accuracy".into(), 0.6);
+            h.epochs.push(r);
+        }
+        h.steps.push(StepRecord {
+            step: 0,
+            epoch: 0,
+            batch: 0,
+            loss: 2.5,
+            lr: 0.1,
+        });
+        h
+    }
+
+    #[test]
+    fn csv_has_metric_columns_and_one_row_per_epoch() {
+        let csv = sample().epochs_csv();
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(
+            lines[0],
+            "epoch,steps,train_loss,train_accuracy,val_loss,val_accuracy,lr,epoch_time_s,samples_per_s,data_wait_share"
+        );
+        assert_eq!(lines.len(), 3);
+        assert!(lines[2].starts_with("1,20,0.5,0.5,0.9,0.6,0.1"));
+        assert_eq!(
+            sample().steps_csv(),
+            "step,epoch,batch,loss,lr\n0,0,0,2.5,0.1\n"
+        );
+    }
+
+    #[test]
+    fn json_round_trips_and_files_are_written() {
+        let h = sample();
+        assert_eq!(History::from_json(&h.to_json().unwrap()).unwrap(), h);
+        let dir = tempfile::tempdir().unwrap();
+        let paths = h.save(dir.path()).unwrap();
+        assert_eq!(paths.len(), 3);
+        let back = std::fs::read_to_string(dir.path().join("history.json")).unwrap();
+        assert_eq!(History::from_json(&back).unwrap(), h);
+        assert_eq!(h.epochs[1].get("val_accuracy"), Some(0.6));
+        assert_eq!(h.epochs[1].get("nope"), None);
+    }
+}
