@@ -1,0 +1,401 @@
+//! Trainer behaviour: bit-identical resume, NaN detection, early stopping,
+//! checkpoint validation, gradient accumulation.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{linear, Linear, VarBuilder, VarMap};
+use minibatch_data::{available_devices, DataLoader, TensorDataset};
+use minibatch_optim::{Norm, Sgd, SgdConfig, StepLR};
+use minibatch_train::checkpoint::{load_weights, read_checkpoint, varmap_bytes};
+use minibatch_train::{
+    Clip, Control, EarlyStopping, Mode, ProgressMode, ScheduleEvery, TrainError, Trainer,
+};
+use rand::{Rng, SeedableRng};
+
+struct Mlp {
+    l1: Linear,
+    l2: Linear,
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.l2.forward(&self.l1.forward(x)?.relu()?)
+    }
+}
+
+fn mlp(dev: &Device) -> (Mlp, VarMap) {
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, dev);
+    let m = Mlp {
+        l1: linear(10, 16, vb.pp("l1")).unwrap(),
+        l2: linear(16, 3, vb.pp("l2")).unwrap(),
+    };
+    (m, vm)
+}
+
+/// 200 points in 10-D, 3 classes given by a fixed linear rule (learnable).
+fn dataset(n: usize, seed: u64, dev: &Device) -> TensorDataset {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let xs: Vec<f32> = (0..n * 10)
+        .map(|_| rng.random_range(-1.0f32..1.0))
+        .collect();
+    let ys: Vec<u32> = xs
+        .chunks(10)
+        .map(|r| {
+            let a = r[0] + r[1] - r[2];
+            if a > 0.4 {
+                0
+            } else if a < -0.4 {
+                1
+            } else {
+                2
+            }
+        })
+        .collect();
+    let x = Tensor::from_vec(xs, (n, 10), dev).unwrap();
+    let y = Tensor::from_vec(ys, n, dev).unwrap();
+    TensorDataset::new(vec![x, y]).unwrap()
+}
+
+fn loader(dev: &Device, batch: usize, workers: usize) -> DataLoader {
+    DataLoader::builder(dataset(200, 7, dev))
+        .batch_size(batch)
+        .shuffle(42)
+        .num_workers(workers)
+        .build()
+        .unwrap()
+}
+
+struct Setup {
+    accumulate: usize,
+    clip: Option<Clip>,
+    workers: usize,
+}
+
+fn trainer(
+    dev: &Device,
+    init: &[u8],
+    s: &Setup,
+    record: Rc<RefCell<Vec<Vec<u8>>>>,
+) -> minibatch_train::TrainerBuilder<Mlp> {
+    let (model, vm) = mlp(dev);
+    load_weights(&vm, init, std::path::Path::new("init")).unwrap();
+    let mut opt = Sgd::from_varmap(
+        &vm,
+        SgdConfig {
+            lr: 0.1,
+            momentum: 0.9,
+            nesterov: true,
+            weight_decay: 1e-3,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let sched = StepLR::new(&mut opt, 1, 0.7).unwrap();
+    let vm2 = vm.clone();
+    let mut b = Trainer::builder(model, vm, loader(dev, 32, s.workers), opt)
+        .scheduler(sched, ScheduleEvery::Epoch)
+        .accumulate(s.accumulate)
+        .epochs(3)
+        .progress(ProgressMode::Silent)
+        .on_step(move |_| {
+            record.borrow_mut().push(varmap_bytes(&vm2).unwrap());
+            Ok(Control::Continue)
+        });
+    if let Some(c) = s.clip {
+        b = b.clip(c);
+    }
+    b
+}
+
+fn check_resume(s: Setup, k: u64) {
+    let dev = Device::Cpu;
+    let init = varmap_bytes(&mlp(&dev).1).unwrap();
+
+    let straight = Rc::new(RefCell::new(Vec::new()));
+    let mut a = trainer(&dev, &init, &s, straight.clone()).build().unwrap();
+    a.fit().unwrap();
+    let n = straight.borrow().len() as u64;
+    assert!(n > k + 3, "need steps after the resume point ({n})");
+
+    let dir = tempfile::tempdir().unwrap();
+    let first = Rc::new(RefCell::new(Vec::new()));
+    let mut b = trainer(&dev, &init, &s, first.clone())
+        .checkpoint_dir(dir.path())
+        .checkpoint_every_epoch(false)
+        .max_steps(k)
+        .build()
+        .unwrap();
+    b.fit().unwrap();
+    assert_eq!(b.global_step(), k);
+    drop(b);
+    assert_eq!(first.borrow().len() as u64, k);
+
+    // fresh random weights: the checkpoint must overwrite them all
+    let second = Rc::new(RefCell::new(Vec::new()));
+    let fresh = varmap_bytes(&mlp(&dev).1).unwrap();
+    let mut c = trainer(&dev, &fresh, &s, second.clone())
+        .resume_from(dir.path())
+        .build()
+        .unwrap();
+    assert_eq!(c.global_step(), k);
+    c.fit().unwrap();
+    let second = second.borrow();
+    assert_eq!(second.len() as u64, n - k);
+    for (i, w) in second.iter().enumerate() {
+        let step = k as usize + i;
+        assert!(
+            w == &straight.borrow()[step],
+            "weights differ from the uninterrupted run after step {step}"
+        );
+    }
+    assert_eq!(c.history().steps.len() as u64, n);
+    assert_eq!(c.history().epochs.len(), 3);
+    let a_losses: Vec<f64> = a.history().steps.iter().map(|s| s.loss).collect();
+    let c_losses: Vec<f64> = c.history().steps.iter().map(|s| s.loss).collect();
+    assert_eq!(a_losses, c_losses);
+}
+
+#[test]
+fn resume_mid_epoch_is_bit_identical() {
+    // 7 batches per epoch; resume at step 10 = epoch 1, batch 3
+    check_resume(
+        Setup {
+            accumulate: 1,
+            clip: None,
+            workers: 0,
+        },
+        10,
+    );
+}
+
+#[test]
+fn resume_with_accumulation_clipping_and_workers_is_bit_identical() {
+    // 7 batches, accumulate 2 -> 4 steps per epoch (last one a single micro-batch)
+    check_resume(
+        Setup {
+            accumulate: 2,
+            clip: Some(Clip::Norm {
+                max_norm: 0.5,
+                norm: Norm::L2,
+            }),
+            workers: 2,
+        },
+        5,
+    );
+}
+
+#[test]
+fn nan_loss_stops_with_step_and_keeps_last_good_checkpoint() {
+    for dev in available_devices() {
+        let (model, vm) = mlp(&dev);
+        let opt = Sgd::from_varmap(
+            &vm,
+            SgdConfig {
+                lr: 0.1,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let calls = Rc::new(Cell::new(0u32));
+        let c2 = calls.clone();
+        let dir = tempfile::tempdir().unwrap();
+        let snapshots = Rc::new(RefCell::new(Vec::new()));
+        let (s2, vm2) = (snapshots.clone(), vm.clone());
+        let mut t = Trainer::builder(model, vm, loader(&dev, 32, 0), opt)
+            .loss(move |o, y| {
+                c2.set(c2.get() + 1);
+                let l = candle_nn::loss::cross_entropy(o, y)?;
+                if c2.get() > 5 {
+                    l * f64::NAN
+                } else {
+                    Ok(l)
+                }
+            })
+            .checkpoint_dir(dir.path())
+            .checkpoint_every_steps(2)
+            .epochs(2)
+            .progress(ProgressMode::Silent)
+            .on_step(move |_| {
+                s2.borrow_mut().push(varmap_bytes(&vm2).unwrap());
+                Ok(Control::Continue)
+            })
+            .build()
+            .unwrap();
+        let err = t.fit().unwrap_err();
+        match &err {
+            TrainError::NonFiniteLoss { step, .. } => assert_eq!(*step, 5),
+            other => panic!("expected NonFiniteLoss, got {other}"),
+        }
+        assert!(err.to_string().contains("step 5"), "{err}");
+        let ck = read_checkpoint(dir.path()).unwrap();
+        assert_eq!(ck.state.step, 4);
+        assert_eq!(
+            ck.model,
+            snapshots.borrow()[3],
+            "checkpoint = weights after step 4"
+        );
+        // weights were not touched by the NaN step
+        assert_eq!(varmap_bytes(t.varmap()).unwrap(), snapshots.borrow()[4]);
+    }
+}
+
+#[test]
+fn early_stopping_ends_training_and_history_shows_it() {
+    for dev in available_devices() {
+        let (model, vm) = mlp(&dev);
+        let opt = Sgd::from_varmap(
+            &vm,
+            SgdConfig {
+                lr: 0.05,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let val = DataLoader::builder(dataset(64, 9, &dev))
+            .batch_size(64)
+            .build()
+            .unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let mut t = Trainer::builder(model, vm, loader(&dev, 32, 0), opt)
+            .val_loader(val)
+            // an improvement must beat the best by 10: never after the first epoch
+            .callback(
+                EarlyStopping::new("val_loss", Mode::Min)
+                    .patience(1)
+                    .min_delta(10.0),
+            )
+            .epochs(10)
+            .out_dir(out.path())
+            .progress(ProgressMode::Silent)
+            .build()
+            .unwrap();
+        let h = t.fit().unwrap();
+        assert_eq!(
+            h.epochs.len(),
+            3,
+            "best at epoch 0, two bad epochs > patience 1"
+        );
+        let e = &h.epochs[2];
+        assert!(e.val_loss.unwrap().is_finite());
+        assert!((0.0..=1.0).contains(&e.val_metrics["accuracy"]));
+        for f in [
+            "history_epochs.csv",
+            "history_steps.csv",
+            "history.json",
+            "history.svg",
+        ] {
+            assert!(out.path().join(f).is_file(), "{f} missing");
+        }
+        let csv = std::fs::read_to_string(out.path().join("history_epochs.csv")).unwrap();
+        assert_eq!(csv.lines().count(), 4);
+    }
+}
+
+#[test]
+fn training_learns_the_synthetic_rule() {
+    for dev in available_devices() {
+        let (model, vm) = mlp(&dev);
+        let opt = Sgd::from_varmap(
+            &vm,
+            SgdConfig {
+                lr: 0.1,
+                momentum: 0.9,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut t = Trainer::builder(model, vm, loader(&dev, 16, 0), opt)
+            .epochs(40)
+            .progress(ProgressMode::Silent)
+            .build()
+            .unwrap();
+        let h = t.fit().unwrap();
+        let last = h.epochs.last().unwrap();
+        assert!(last.train_loss < h.epochs[0].train_loss * 0.5);
+        assert!(last.train_metrics["accuracy"] > 0.85, "{last:?}");
+        assert_eq!(h.steps.len(), 40 * 13);
+    }
+}
+
+#[test]
+fn mismatched_or_corrupt_checkpoints_are_clear_errors() {
+    let dev = Device::Cpu;
+    let dir = tempfile::tempdir().unwrap();
+    let (model, vm) = mlp(&dev);
+    let opt = Sgd::from_varmap(&vm, SgdConfig::default()).unwrap();
+    let mut t = Trainer::builder(model, vm, loader(&dev, 32, 0), opt)
+        .checkpoint_dir(dir.path())
+        .progress(ProgressMode::Silent)
+        .build()
+        .unwrap();
+    t.fit().unwrap();
+
+    // different batch size
+    let (model, vm) = mlp(&dev);
+    let opt = Sgd::from_varmap(&vm, SgdConfig::default()).unwrap();
+    let err = Trainer::builder(model, vm, loader(&dev, 50, 0), opt)
+        .resume_from(dir.path())
+        .build()
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("batches") && err.contains("per epoch"),
+        "{err}"
+    );
+
+    // different model shape
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+    let model = Mlp {
+        l1: linear(10, 8, vb.pp("l1")).unwrap(),
+        l2: linear(8, 3, vb.pp("l2")).unwrap(),
+    };
+    let opt = Sgd::from_varmap(&vm, SgdConfig::default()).unwrap();
+    let err = Trainer::builder(model, vm, loader(&dev, 32, 0), opt)
+        .resume_from(dir.path())
+        .build()
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("model mismatch"), "{err}");
+
+    // truncated weights file
+    let ck = read_checkpoint(dir.path()).unwrap().path;
+    let f = ck.join("model.safetensors");
+    let bytes = std::fs::read(&f).unwrap();
+    std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
+    let (model, vm) = mlp(&dev);
+    let opt = Sgd::from_varmap(&vm, SgdConfig::default()).unwrap();
+    let err = Trainer::builder(model, vm, loader(&dev, 32, 0), opt)
+        .resume_from(dir.path())
+        .build()
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("corrupt"), "{err}");
+}
+
+#[test]
+fn invalid_settings_are_typed_errors() {
+    let dev = Device::Cpu;
+    let (model, vm) = mlp(&dev);
+    let opt = Sgd::from_varmap(&vm, SgdConfig::default()).unwrap();
+    let err = Trainer::builder(model, vm, loader(&dev, 32, 0), opt)
+        .accumulate(0)
+        .build()
+        .err()
+        .unwrap();
+    assert!(matches!(err, TrainError::Config(_)), "{err}");
+    let (model, vm) = mlp(&dev);
+    let opt = Sgd::from_varmap(&vm, SgdConfig::default()).unwrap();
+    let err = Trainer::builder(model, vm, loader(&dev, 32, 0), opt)
+        .clip(Clip::Value(-1.0))
+        .build()
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("clip value"), "{err}");
+}
