@@ -1,1 +1,67 @@
-fn main() {}
+//! One shuffled epoch of MNIST train (60000x784 f32, batch 64, in memory, CPU)
+//! through the DataLoader, against the ideal (plain row copies into
+//! preallocated buffers, same order) and a bare candle `index_select` loop.
+//!
+//! Run: `cargo bench --bench data_loader`
+
+use std::hint::black_box;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use candle_core::{Device, Tensor};
+use criterion::{criterion_group, criterion_main, Criterion};
+use minibatch_data::{mnist, DataLoader, Dataset};
+
+const BATCH: usize = 64;
+
+fn bench(c: &mut Criterion) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/mnist");
+    let (train, _) = mnist::load(&dir, &Device::Cpu).expect("MNIST in data/mnist");
+    let x = train.tensors()[0].clone();
+    let y = train.tensors()[1].clone();
+    let n = train.len();
+    let loader = DataLoader::builder(train).batch_size(BATCH).shuffle(42).build().unwrap();
+    let order = loader.epoch(0).order().to_vec();
+    let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+    let ys: Vec<u32> = y.to_vec1().unwrap();
+    let width = xs.len() / n;
+
+    let mut g = c.benchmark_group("mnist_train_epoch_b64");
+    g.sample_size(20).warm_up_time(Duration::from_secs(2)).measurement_time(Duration::from_secs(6));
+
+    g.bench_function("dataloader", |b| {
+        b.iter(|| {
+            for batch in loader.epoch(0) {
+                black_box(batch.unwrap());
+            }
+        })
+    });
+
+    let mut xbuf = vec![0f32; BATCH * width];
+    let mut ybuf = vec![0u32; BATCH];
+    g.bench_function("ideal_slice_copy", |b| {
+        b.iter(|| {
+            for chunk in order.chunks(BATCH) {
+                for (k, &i) in chunk.iter().enumerate() {
+                    xbuf[k * width..(k + 1) * width].copy_from_slice(&xs[i * width..(i + 1) * width]);
+                    ybuf[k] = ys[i];
+                }
+                black_box((&xbuf, &ybuf));
+            }
+        })
+    });
+
+    g.bench_function("bare_index_select", |b| {
+        b.iter(|| {
+            for chunk in order.chunks(BATCH) {
+                let ids: Vec<u32> = chunk.iter().map(|&i| i as u32).collect();
+                let idx = Tensor::from_vec(ids, chunk.len(), &Device::Cpu).unwrap();
+                black_box((x.index_select(&idx, 0).unwrap(), y.index_select(&idx, 0).unwrap()));
+            }
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
