@@ -63,8 +63,8 @@ pub fn clip_grad_norm_with(
         });
     }
     let norm = match norm {
-        Norm::P(p) if p == 2.0 => Norm::L2,
-        Norm::P(p) if p == f64::INFINITY => Norm::Inf,
+        Norm::P(2.0) => Norm::L2,
+        Norm::P(f64::INFINITY) => Norm::Inf,
         Norm::P(p) if !(p.is_finite() && p > 0.0) => {
             return Err(OptimError::InvalidHyperparameter {
                 name: "norm_type",

@@ -51,7 +51,7 @@ pub struct GenericOptimizer<R: UpdateRule> {
     pub(crate) groups: Vec<ParamGroup>,
     pub(crate) rules: Vec<R>,
     pub(crate) states: Vec<Vec<Option<ParamState>>>,
-    tensor_path: bool,
+    pub(crate) tensor_path: bool,
 }
 
 impl<R: UpdateRule> GenericOptimizer<R> {

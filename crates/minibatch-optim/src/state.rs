@@ -14,7 +14,7 @@ use std::path::Path;
 use candle_core::{DType, Tensor};
 use safetensors::{Dtype, SafeTensors, View};
 
-use crate::generic::{state_dtype, Buffers, ParamState};
+use crate::generic::{state_dtype, Buffers};
 use crate::kernel::HostBuffers;
 use crate::{GenericOptimizer, OptimError, Result, UpdateRule};
 
@@ -225,13 +225,7 @@ pub(crate) fn deserialize<R: UpdateRule>(
             let mut st_new = GenericOptimizer::<R>::init_state(rule, var, false, pname)?;
             // Keep the representation the live optimizer uses (device tensors
             // for non-CPU parameters or a forced tensor path).
-            let device = matches!(
-                opt.states[g][i],
-                Some(ParamState {
-                    bufs: Buffers::Device(_),
-                    ..
-                })
-            ) || !var.device().is_cpu();
+            let device = opt.tensor_path || !var.device().is_cpu();
             let mut dev_bufs = Vec::new();
             for (k, bname) in rule.state_names().iter().enumerate() {
                 let key = format!("{pname}.{bname}");

@@ -83,7 +83,7 @@ impl ReduceLROnPlateau {
         min_lr: f64,
         eps: f64,
     ) -> Result<Self> {
-        if !(factor.is_finite() && factor < 1.0 && factor >= 0.0) {
+        if !(0.0..1.0).contains(&factor) {
             return Err(OptimError::InvalidHyperparameter {
                 name: "factor",
                 value: factor.to_string(),
