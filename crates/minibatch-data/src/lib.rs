@@ -36,6 +36,7 @@ mod device;
 mod epoch;
 mod error;
 mod fn_dataset;
+mod gather;
 pub mod idx;
 mod loader;
 mod map;

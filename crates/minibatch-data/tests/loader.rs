@@ -453,3 +453,42 @@ proptest! {
         if drop_last { prop_assert_eq!(flat.len(), n / bs * bs); } else { prop_assert_eq!(flat.len(), n); }
     }
 }
+
+#[test]
+fn get_batch_matches_index_select_for_all_layouts_and_dtypes() {
+    for device in available_devices() {
+        let base = Tensor::arange(0f32, 60., &device).unwrap().reshape((6, 10)).unwrap();
+        let tensors = vec![
+            base.clone(),
+            base.t().unwrap(), // non-contiguous (10, 6)
+            base.narrow(1, 2, 3).unwrap().t().unwrap().contiguous().unwrap().t().unwrap(),
+            base.to_dtype(DType::F64).unwrap(),
+            base.to_dtype(DType::U8).unwrap(),
+            base.to_dtype(DType::I64).unwrap(),
+            base.to_dtype(DType::BF16).unwrap(),
+            base.narrow(0, 2, 4).unwrap(), // contiguous view with an offset
+            base.reshape((6, 2, 5)).unwrap(),
+        ];
+        for t in tensors {
+            let n = t.dims()[0];
+            let ds = TensorDataset::new(vec![t.clone()]).unwrap();
+            let ids: Vec<usize> = (0..n).rev().chain([0, n - 1]).collect();
+            let got = ds.get_batch(&ids).unwrap().into_tensors().remove(0);
+            let idx = Tensor::from_vec(ids.iter().map(|&i| i as u32).collect::<Vec<_>>(), ids.len(), &device).unwrap();
+            let want = t.index_select(&idx, 0).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            assert_eq!(got.dtype(), want.dtype());
+            let diff = (got.to_dtype(DType::F64).unwrap() - want.to_dtype(DType::F64).unwrap())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert_eq!(diff, 0.0, "{:?} {:?}", t.dims(), t.dtype());
+        }
+    }
+}
