@@ -20,14 +20,20 @@ fn bench(c: &mut Criterion) {
     let x = train.tensors()[0].clone();
     let y = train.tensors()[1].clone();
     let n = train.len();
-    let loader = DataLoader::builder(train).batch_size(BATCH).shuffle(42).build().unwrap();
+    let loader = DataLoader::builder(train)
+        .batch_size(BATCH)
+        .shuffle(42)
+        .build()
+        .unwrap();
     let order = loader.epoch(0).order().to_vec();
     let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
     let ys: Vec<u32> = y.to_vec1().unwrap();
     let width = xs.len() / n;
 
     let mut g = c.benchmark_group("mnist_train_epoch_b64");
-    g.sample_size(20).warm_up_time(Duration::from_secs(2)).measurement_time(Duration::from_secs(6));
+    g.sample_size(20)
+        .warm_up_time(Duration::from_secs(2))
+        .measurement_time(Duration::from_secs(6));
 
     g.bench_function("dataloader", |b| {
         b.iter(|| {
@@ -43,7 +49,8 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             for chunk in order.chunks(BATCH) {
                 for (k, &i) in chunk.iter().enumerate() {
-                    xbuf[k * width..(k + 1) * width].copy_from_slice(&xs[i * width..(i + 1) * width]);
+                    xbuf[k * width..(k + 1) * width]
+                        .copy_from_slice(&xs[i * width..(i + 1) * width]);
                     ybuf[k] = ys[i];
                 }
                 black_box((&xbuf, &ybuf));
@@ -56,7 +63,10 @@ fn bench(c: &mut Criterion) {
             for chunk in order.chunks(BATCH) {
                 let ids: Vec<u32> = chunk.iter().map(|&i| i as u32).collect();
                 let idx = Tensor::from_vec(ids, chunk.len(), &Device::Cpu).unwrap();
-                black_box((x.index_select(&idx, 0).unwrap(), y.index_select(&idx, 0).unwrap()));
+                black_box((
+                    x.index_select(&idx, 0).unwrap(),
+                    y.index_select(&idx, 0).unwrap(),
+                ));
             }
         })
     });

@@ -33,6 +33,8 @@ pub struct TensorDataset {
 impl TensorDataset {
     /// A dataset over `tensors`, which must all have the same first dimension
     /// (else [`DataError::ShapeMismatch`]); an empty list is an error too.
+    /// Non-contiguous tensors (e.g. transposed views) are copied to contiguous
+    /// storage once, here; contiguous ones are shared, not copied.
     pub fn new(tensors: Vec<Tensor>) -> Result<Self> {
         if tensors.is_empty() {
             return Err(DataError::EmptyDataset(
@@ -40,9 +42,14 @@ impl TensorDataset {
             ));
         }
         let len = common_len(&tensors)?;
+        // Batches gather rows, which needs contiguous storage; copy strided views once here.
+        let tensors = tensors
+            .into_iter()
+            .map(|t| t.contiguous())
+            .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self { tensors, len })
     }
-    /// The underlying tensors.
+    /// The underlying tensors (contiguous).
     pub fn tensors(&self) -> &[Tensor] {
         &self.tensors
     }
@@ -79,7 +86,9 @@ impl Dataset for TensorDataset {
     }
     fn get_batch(&self, indices: &[usize]) -> Result<Batch> {
         if indices.is_empty() {
-            return Err(DataError::EmptyDataset("get_batch called with no indices".into()));
+            return Err(DataError::EmptyDataset(
+                "get_batch called with no indices".into(),
+            ));
         }
         for &i in indices {
             check_index(i, self.len)?;

@@ -457,11 +457,21 @@ proptest! {
 #[test]
 fn get_batch_matches_index_select_for_all_layouts_and_dtypes() {
     for device in available_devices() {
-        let base = Tensor::arange(0f32, 60., &device).unwrap().reshape((6, 10)).unwrap();
+        let base = Tensor::arange(0f32, 60., &device)
+            .unwrap()
+            .reshape((6, 10))
+            .unwrap();
         let tensors = vec![
             base.clone(),
             base.t().unwrap(), // non-contiguous (10, 6)
-            base.narrow(1, 2, 3).unwrap().t().unwrap().contiguous().unwrap().t().unwrap(),
+            base.narrow(1, 2, 3)
+                .unwrap()
+                .t()
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .t()
+                .unwrap(),
             base.to_dtype(DType::F64).unwrap(),
             base.to_dtype(DType::U8).unwrap(),
             base.to_dtype(DType::I64).unwrap(),
@@ -474,8 +484,13 @@ fn get_batch_matches_index_select_for_all_layouts_and_dtypes() {
             let ds = TensorDataset::new(vec![t.clone()]).unwrap();
             let ids: Vec<usize> = (0..n).rev().chain([0, n - 1]).collect();
             let got = ds.get_batch(&ids).unwrap().into_tensors().remove(0);
-            let idx = Tensor::from_vec(ids.iter().map(|&i| i as u32).collect::<Vec<_>>(), ids.len(), &device).unwrap();
-            let want = t.index_select(&idx, 0).unwrap();
+            let idx = Tensor::from_vec(
+                ids.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+                ids.len(),
+                &device,
+            )
+            .unwrap();
+            let want = t.contiguous().unwrap().index_select(&idx, 0).unwrap();
             assert_eq!(got.dims(), want.dims());
             assert_eq!(got.dtype(), want.dtype());
             let diff = (got.to_dtype(DType::F64).unwrap() - want.to_dtype(DType::F64).unwrap())
