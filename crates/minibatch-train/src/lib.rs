@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod model;
 pub mod plot;
 pub mod progress;
+pub mod regressor;
 pub mod trainer;
 
 pub use callbacks::{Callback, Control, EarlyStopping, FnCallback, Mode, StepInfo};
@@ -21,6 +22,7 @@ pub use history::{EpochRecord, History, StepRecord};
 pub use metrics::{Accuracy, MeanAbsoluteError, Metric, RunningMean};
 pub use model::{model_fn, FnModel, Model};
 pub use progress::ProgressMode;
+pub use regressor::MiniBatchRegressor;
 pub use trainer::{
     cross_entropy, evaluate, mse, Clip, Evaluation, LossFn, ScheduleEvery, Trainer, TrainerBuilder,
 };
