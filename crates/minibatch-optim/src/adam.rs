@@ -123,6 +123,26 @@ pub(crate) fn adam_update<F: Float>(
     let m = &mut *m[0];
     let (v, rest) = rest.split_at_mut(1);
     let v = &mut *v[0];
+    let k = AdamConsts {
+        neg_step_size,
+        bc2_sqrt,
+        w1f,
+        w1c,
+        b2,
+        w2,
+        eps,
+        wd,
+        decay,
+    };
+    if !c.amsgrad && !c.maximize && w1_small {
+        // The common case, without per-element branches (vectorises).
+        match (coupled, decouple) {
+            (false, false) => adam_fast::<F, 0>(&k, param, grad, m, v),
+            (true, _) => adam_fast::<F, 1>(&k, param, grad, m, v),
+            (false, true) => adam_fast::<F, 2>(&k, param, grad, m, v),
+        }
+        return;
+    }
     let mut vmax = rest.first_mut().map(|s| &mut **s);
     let n = param.len();
     for j in 0..n {
@@ -144,6 +164,49 @@ pub(crate) fn adam_update<F: Float>(
         };
         let denom = vv.sqrt() / bc2_sqrt + eps;
         param[j] += neg_step_size * m[j] / denom;
+    }
+}
+
+struct AdamConsts<F> {
+    neg_step_size: F,
+    bc2_sqrt: F,
+    w1f: F,
+    w1c: F,
+    b2: F,
+    w2: F,
+    eps: F,
+    wd: F,
+    decay: F,
+}
+
+/// Adam without amsgrad/maximize, `1 − β₁ < 0.5`; `WD`: 0 none, 1 L2
+/// (coupled), 2 decoupled (AdamW).
+#[inline(always)]
+fn adam_fast<F: Float, const WD: u8>(
+    k: &AdamConsts<F>,
+    param: &mut [F],
+    grad: &[F],
+    m: &mut [F],
+    v: &mut [F],
+) {
+    let n = param.len();
+    let (param, grad, m, v) = (&mut param[..n], &grad[..n], &mut m[..n], &mut v[..n]);
+    let _ = k.w1c;
+    for j in 0..n {
+        let mut g = grad[j];
+        let mut p = param[j];
+        if WD == 2 {
+            p *= k.decay;
+        }
+        if WD == 1 {
+            g += k.wd * p;
+        }
+        let mj = m[j] + k.w1f * (g - m[j]);
+        let vj = v[j] * k.b2 + k.w2 * g * g;
+        m[j] = mj;
+        v[j] = vj;
+        let denom = vj.sqrt() / k.bc2_sqrt + k.eps;
+        param[j] = p + k.neg_step_size * mj / denom;
     }
 }
 
