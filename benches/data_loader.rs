@@ -10,9 +10,25 @@ use std::time::Duration;
 
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion};
-use minibatch_data::{mnist, DataLoader, Dataset};
+use minibatch_data::{mnist, Batch, DataLoader, Dataset, Sample, TensorDataset};
 
 const BATCH: usize = 64;
+
+/// The same dataset, but claiming not to be in memory, so the loader really
+/// hands batches to worker threads: measures what workers would cost.
+struct ForceWorkers(TensorDataset);
+
+impl Dataset for ForceWorkers {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn get(&self, index: usize) -> minibatch_data::Result<Sample> {
+        self.0.get(index)
+    }
+    fn get_batch(&self, indices: &[usize]) -> minibatch_data::Result<Batch> {
+        self.0.get_batch(indices)
+    }
+}
 
 fn bench(c: &mut Criterion) {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/mnist");
@@ -20,6 +36,13 @@ fn bench(c: &mut Criterion) {
     let x = train.tensors()[0].clone();
     let y = train.tensors()[1].clone();
     let n = train.len();
+    let threaded = DataLoader::builder(ForceWorkers(train.clone()))
+        .batch_size(BATCH)
+        .shuffle(42)
+        .num_workers(2)
+        .prefetch(4)
+        .build()
+        .unwrap();
     let loader = DataLoader::builder(train)
         .batch_size(BATCH)
         .shuffle(42)
@@ -38,6 +61,14 @@ fn bench(c: &mut Criterion) {
     g.bench_function("dataloader", |b| {
         b.iter(|| {
             for batch in loader.epoch(0) {
+                black_box(batch.unwrap());
+            }
+        })
+    });
+
+    g.bench_function("dataloader_forced_2_workers", |b| {
+        b.iter(|| {
+            for batch in threaded.epoch(0) {
                 black_box(batch.unwrap());
             }
         })
