@@ -90,19 +90,17 @@ impl EpochProgress {
                     }
                 }
             }
-            ProgressMode::Plain => {
-                if done % self.log_every == 0 || done == self.total {
-                    println!(
-                        "epoch {}/{} batch {}/{}: loss {:.4}, {:.0} samples/s, data wait {:.1}%",
-                        self.epoch + 1,
-                        self.epochs,
-                        done,
-                        self.total,
-                        live.loss,
-                        live.samples_per_s,
-                        live.wait_share * 100.0
-                    );
-                }
+            ProgressMode::Plain if done % self.log_every == 0 || done == self.total => {
+                println!(
+                    "epoch {}/{} batch {}/{}: loss {:.4}, {:.0} samples/s, data wait {:.1}%",
+                    self.epoch + 1,
+                    self.epochs,
+                    done,
+                    self.total,
+                    live.loss,
+                    live.samples_per_s,
+                    live.wait_share * 100.0
+                );
             }
             _ => {}
         }

@@ -106,7 +106,7 @@ impl MiniBatchRegressor {
                 y.elem_count()
             )));
         }
-        if self.epochs == 0 || !(self.lr > 0.0) {
+        if self.epochs == 0 || self.lr.is_nan() || self.lr <= 0.0 {
             return Err(TrainError::Config(format!(
                 "epochs must be >= 1 and lr > 0 (got {} and {})",
                 self.epochs, self.lr

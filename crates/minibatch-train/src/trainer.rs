@@ -316,12 +316,12 @@ impl<M: Model> TrainerBuilder<M> {
             }
         }
         match self.clip {
-            Some(Clip::Norm { max_norm, .. }) if !(max_norm > 0.0) => {
+            Some(Clip::Norm { max_norm, .. }) if max_norm.is_nan() || max_norm <= 0.0 => {
                 return Err(TrainError::Config(format!(
                     "clip max_norm must be > 0, got {max_norm}"
                 )))
             }
-            Some(Clip::Value(v)) if !(v > 0.0) => {
+            Some(Clip::Value(v)) if v.is_nan() || v <= 0.0 => {
                 return Err(TrainError::Config(format!(
                     "clip value must be > 0, got {v}"
                 )))
