@@ -66,7 +66,7 @@ pub fn random_split<'a, D: Dataset + 'static>(
     let mut out = Vec::with_capacity(lengths.len());
     let mut start = 0;
     for len in lengths {
-        out.push(Subset::new(
+        out.push(Subset::from_arc(
             inner.clone(),
             perm[start..start + len].to_vec(),
         )?);

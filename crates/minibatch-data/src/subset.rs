@@ -10,11 +10,10 @@ use crate::error::Result;
 /// Batches are forwarded to the inner dataset's (fast) batch path.
 ///
 /// ```
-/// use std::sync::Arc;
 /// use candle_core::{Device, Tensor};
 /// use minibatch_data::{Dataset, Subset, TensorDataset};
 /// let ds = TensorDataset::new(vec![Tensor::arange(0u32, 10, &Device::Cpu).unwrap()]).unwrap();
-/// let sub = Subset::new(Arc::new(ds), vec![9, 3]).unwrap();
+/// let sub = Subset::new(ds, vec![9, 3]).unwrap();
 /// let b = sub.get_batch(&[0, 1]).unwrap();
 /// assert_eq!(b.tensors()[0].to_vec1::<u32>().unwrap(), vec![9, 3]);
 /// ```
@@ -25,9 +24,14 @@ pub struct Subset {
 }
 
 impl Subset {
-    /// A subset of `inner`; every index must be `< inner.len()`
+    /// A subset of `inner` (any dataset, or an already shared `Arc<dyn Dataset>`);
+    /// every index must be `< inner.len()`
     /// (else [`DataError::IndexOutOfRange`](crate::DataError::IndexOutOfRange)).
-    pub fn new(inner: Arc<dyn Dataset>, indices: Vec<usize>) -> Result<Self> {
+    pub fn new(inner: impl Dataset + 'static, indices: Vec<usize>) -> Result<Self> {
+        Self::from_arc(Arc::new(inner), indices)
+    }
+    /// Like [`new`](Self::new) for a shared dataset, without another layer of `Arc`.
+    pub fn from_arc(inner: Arc<dyn Dataset>, indices: Vec<usize>) -> Result<Self> {
         let n = inner.len();
         for &i in &indices {
             check_index(i, n)?;

@@ -291,9 +291,9 @@ fn split_subset_concat_compose() {
         );
 
         let base: Arc<dyn Dataset> = Arc::new(numbered(10, &device));
-        let sub = Subset::new(Arc::clone(&base), vec![8, 2]).unwrap();
+        let sub = Subset::from_arc(Arc::clone(&base), vec![8, 2]).unwrap();
         assert!(matches!(
-            Subset::new(Arc::clone(&base), vec![10]),
+            Subset::from_arc(Arc::clone(&base), vec![10]),
             Err(DataError::IndexOutOfRange { .. })
         ));
         let cat = ConcatDataset::new(vec![Arc::new(sub), Arc::clone(&base)]).unwrap();
