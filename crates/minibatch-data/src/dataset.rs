@@ -14,6 +14,10 @@ use crate::error::{DataError, Result};
 /// what the [`DataLoader`](crate::DataLoader) calls: they tell epoch-aware
 /// transforms (seeded augmentation, see [`Map`](crate::Map)) which epoch is
 /// running; plain datasets leave their defaults, which ignore the epoch.
+/// A dataset that overrides [`get_in_epoch`](Dataset::get_in_epoch) must also
+/// override [`get_batch_in_epoch`](Dataset::get_batch_in_epoch) (e.g. by
+/// collating `get_in_epoch` samples), since the default batch path goes through
+/// [`get_batch`](Dataset::get_batch).
 pub trait Dataset: Send + Sync {
     /// The number of samples.
     fn len(&self) -> usize;
