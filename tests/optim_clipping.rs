@@ -124,12 +124,13 @@ fn non_finite_norm_is_an_error_unless_allowed() {
     let bad = Tensor::new(&[1f32, f32::NAN, 2.0], &Device::Cpu).unwrap();
     let mut grads = GradStore::default();
     grads.insert(v.as_tensor(), bad.clone());
-    let e = clip_grad_norm(&mut grads, &[v.clone()], 1.0, Norm::L2).unwrap_err();
+    let e = clip_grad_norm(&mut grads, std::slice::from_ref(&v), 1.0, Norm::L2).unwrap_err();
     assert!(matches!(e, OptimError::NonFiniteNorm(_)), "{e}");
-    let total = clip_grad_norm_with(&mut grads, &[v.clone()], 1.0, Norm::L2, false).unwrap();
+    let total =
+        clip_grad_norm_with(&mut grads, std::slice::from_ref(&v), 1.0, Norm::L2, false).unwrap();
     assert!(total.is_nan());
-    assert!(clip_grad_norm(&mut grads, &[v.clone()], -1.0, Norm::L2).is_err());
-    assert!(clip_grad_norm(&mut grads, &[v.clone()], 1.0, Norm::P(-1.0)).is_err());
+    assert!(clip_grad_norm(&mut grads, std::slice::from_ref(&v), -1.0, Norm::L2).is_err());
+    assert!(clip_grad_norm(&mut grads, std::slice::from_ref(&v), 1.0, Norm::P(-1.0)).is_err());
     assert!(clip_grad_value(&mut grads, &[v], f64::NAN).is_err());
 }
 
@@ -142,14 +143,14 @@ fn p_norm_and_small_gradients_are_left_alone() {
         Tensor::new(&[0.3f64, -0.4], &Device::Cpu).unwrap(),
     );
     // ||g||_1 = 0.7 < 1: nothing changes.
-    let total = clip_grad_norm(&mut grads, &[v.clone()], 1.0, Norm::P(1.0)).unwrap();
+    let total = clip_grad_norm(&mut grads, std::slice::from_ref(&v), 1.0, Norm::P(1.0)).unwrap();
     assert!((total - 0.7).abs() < 1e-12);
     assert_eq!(
         grads.get(v.as_tensor()).unwrap().to_vec1::<f64>().unwrap(),
         vec![0.3, -0.4]
     );
     // max_norm 0.35 halves it (up to the 1e-6 guard).
-    clip_grad_norm(&mut grads, &[v.clone()], 0.35, Norm::P(1.0)).unwrap();
+    clip_grad_norm(&mut grads, std::slice::from_ref(&v), 0.35, Norm::P(1.0)).unwrap();
     let g = grads.get(v.as_tensor()).unwrap().to_vec1::<f64>().unwrap();
     assert!(
         (g[0] - 0.15).abs() < 1e-6 && (g[1] + 0.2).abs() < 1e-6,
