@@ -93,10 +93,16 @@ impl DataLoader {
     pub fn num_workers(&self) -> usize {
         self.num_workers
     }
-    /// Whether epochs really use worker threads: `num_workers > 0` and the
-    /// dataset is not an in-memory one (see [`Dataset::is_in_memory`]).
+    /// Whether epochs really use worker threads: `num_workers > 0`, and either
+    /// the dataset is not an in-memory one (see [`Dataset::is_in_memory`]) or
+    /// batches are moved to an accelerator with [`DataLoaderBuilder::to_device`].
+    ///
+    /// An in-memory gather is faster on the consumer's thread than behind a
+    /// channel, so workers are skipped for it; a host-to-GPU copy, though, is
+    /// worth overlapping with the training step, and the workers do that copy.
     pub fn uses_workers(&self) -> bool {
-        self.num_workers > 0 && !self.dataset.is_in_memory()
+        let moves_to_accelerator = self.device.as_ref().is_some_and(|d| !d.is_cpu());
+        self.num_workers > 0 && (!self.dataset.is_in_memory() || moves_to_accelerator)
     }
     /// The batches of epoch `epoch`, in order. The sample order is computed
     /// here (one sampler call); batches are built lazily as the iterator advances.
