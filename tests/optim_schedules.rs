@@ -169,3 +169,28 @@ fn sequential_warmup_then_cosine() {
         assert!((g - w).abs() < 1e-12, "{lrs:?} vs {want:?}");
     }
 }
+
+/// PyTorch: groups with lr 0.1 and 0.01 under `StepLR(step_size=1,
+/// gamma=0.5)` each decay from their own base.
+#[test]
+fn per_group_base_lrs() {
+    let v = |x: f32| Var::new(&[x], &Device::Cpu).unwrap();
+    let cfg = |lr| minibatch_optim::SgdConfig {
+        lr,
+        ..Default::default()
+    };
+    let mut opt = Sgd::with_groups(vec![
+        (vec![("a".into(), v(0.0))], cfg(0.1)),
+        (vec![("b".into(), v(0.0))], cfg(0.01)),
+    ])
+    .unwrap();
+    let mut s = minibatch_optim::StepLR::new(&mut opt, 1, 0.5).unwrap();
+    s.step(&mut opt).unwrap();
+    s.step(&mut opt).unwrap();
+    let lrs: Vec<f64> = opt.param_groups().iter().map(|g| g.lr).collect();
+    assert_eq!(lrs, vec![0.025, 0.0025]);
+    assert_eq!(s.last_lr(), lrs);
+    // A schedule built for two groups refuses an optimizer with one.
+    let mut single = sgd(0.1);
+    assert!(s.step(&mut single).is_err());
+}
