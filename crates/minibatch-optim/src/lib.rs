@@ -107,7 +107,7 @@ pub use optimizer::Optimizer;
 pub use rmsprop::{RmsProp, RmsPropConfig};
 pub use rule::{UpdateRule, MAX_STATE_BUFFERS};
 pub use schedule::{
-    CosineAnnealingLR, CosineAnnealingWarmRestarts, ExponentialLR, LinearLR, LrScheduler,
-    MultiStepLR, OneCycleLR, ReduceLROnPlateau, SequentialLR, StepLR,
+    CosineAnnealing, CosineAnnealingLR, CosineAnnealingWarmRestarts, ExponentialLR, LinearLR,
+    LrScheduler, MultiStepLR, OneCycleLR, ReduceLROnPlateau, SequentialLR, StepLR,
 };
 pub use sgd::{Sgd, SgdConfig};

@@ -40,3 +40,6 @@ impl CosineAnnealingLR {
     }
 }
 closed_form_scheduler!(CosineAnnealingLR);
+
+/// Short name for [`CosineAnnealingLR`].
+pub type CosineAnnealing = CosineAnnealingLR;

@@ -23,7 +23,7 @@ mod reduce_lr_on_plateau;
 mod sequential_lr;
 mod step_lr;
 
-pub use cosine_annealing_lr::CosineAnnealingLR;
+pub use cosine_annealing_lr::{CosineAnnealing, CosineAnnealingLR};
 pub use cosine_annealing_warm_restarts::CosineAnnealingWarmRestarts;
 pub use exponential_lr::ExponentialLR;
 pub use linear_lr::LinearLR;
