@@ -161,7 +161,17 @@ fn bench_adam(c: &mut Criterion) {
         let mut m = vec![0f32; n];
         let mut v = vec![0f32; n];
         group.bench_function("bound: slice loop, 1 thread", |b| {
-            b.iter(|| adam_loop(black_box(&mut p), &g, &mut m, &mut v, -1e-3, 0.5, 1e-8))
+            b.iter(|| {
+                adam_loop(
+                    black_box(&mut p),
+                    &g,
+                    &mut m,
+                    &mut v,
+                    black_box(-1e-3),
+                    black_box(0.5),
+                    black_box(1e-8),
+                )
+            })
         });
         group.bench_function("bound: slice loop, pool", |b| {
             b.iter(|| {
@@ -169,7 +179,17 @@ fn bench_adam(c: &mut Criterion) {
                     .zip(g.par_chunks(CHUNK))
                     .zip(m.par_chunks_mut(CHUNK))
                     .zip(v.par_chunks_mut(CHUNK))
-                    .for_each(|(((p, g), m), v)| adam_loop(p, g, m, v, -1e-3, 0.5, 1e-8))
+                    .for_each(|(((p, g), m), v)| {
+                        adam_loop(
+                            p,
+                            g,
+                            m,
+                            v,
+                            black_box(-1e-3),
+                            black_box(0.5),
+                            black_box(1e-8),
+                        )
+                    })
             })
         });
     }
