@@ -7,7 +7,7 @@ use std::rc::Rc;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{linear, Linear, VarBuilder, VarMap};
 use minibatch_data::{available_devices, DataLoader, TensorDataset};
-use minibatch_optim::{Norm, Sgd, SgdConfig, StepLR};
+use minibatch_optim::{LrScheduler, Norm, OneCycleLR, Sgd, SgdConfig, StepLR};
 use minibatch_train::checkpoint::{load_weights, read_checkpoint, varmap_bytes};
 use minibatch_train::{
     Clip, Control, EarlyStopping, Mode, ProgressMode, ScheduleEvery, TrainError, Trainer,
@@ -69,6 +69,8 @@ fn loader(dev: &Device, batch: usize, workers: usize) -> DataLoader {
 }
 
 struct Setup {
+    /// OneCycleLR stepped per optimizer step instead of StepLR per epoch
+    step_schedule: bool,
     accumulate: usize,
     clip: Option<Clip>,
     workers: usize,
@@ -93,10 +95,20 @@ fn trainer(
         },
     )
     .unwrap();
-    let sched = StepLR::new(&mut opt, 1, 0.7).unwrap();
+    let (sched, every): (Box<dyn LrScheduler>, _) = if s.step_schedule {
+        (
+            Box::new(OneCycleLR::new(&mut opt, 0.2, 30).unwrap()),
+            ScheduleEvery::Step,
+        )
+    } else {
+        (
+            Box::new(StepLR::new(&mut opt, 1, 0.7).unwrap()),
+            ScheduleEvery::Epoch,
+        )
+    };
     let vm2 = vm.clone();
     let mut b = Trainer::builder(model, vm, loader(dev, 32, s.workers), opt)
-        .scheduler(sched, ScheduleEvery::Epoch)
+        .boxed_scheduler(sched, every)
         .accumulate(s.accumulate)
         .epochs(3)
         .progress(ProgressMode::Silent)
@@ -163,6 +175,7 @@ fn resume_mid_epoch_is_bit_identical() {
     // 7 batches per epoch; resume at step 10 = epoch 1, batch 3
     check_resume(
         Setup {
+            step_schedule: false,
             accumulate: 1,
             clip: None,
             workers: 0,
@@ -176,6 +189,7 @@ fn resume_with_accumulation_clipping_and_workers_is_bit_identical() {
     // 7 batches, accumulate 2 -> 4 steps per epoch (last one a single micro-batch)
     check_resume(
         Setup {
+            step_schedule: true,
             accumulate: 2,
             clip: Some(Clip::Norm {
                 max_norm: 0.5,
