@@ -7,7 +7,8 @@ use std::rc::Rc;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{linear, Linear, VarBuilder, VarMap};
 use minibatch_data::{available_devices, DataLoader, TensorDataset};
-use minibatch_optim::{LrScheduler, Norm, OneCycleLR, Sgd, SgdConfig, StepLR};
+use minibatch_optim::schedule::{PlateauMode, ThresholdMode};
+use minibatch_optim::{LrScheduler, Norm, OneCycleLR, ReduceLROnPlateau, Sgd, SgdConfig, StepLR};
 use minibatch_train::checkpoint::{load_weights, read_checkpoint, varmap_bytes};
 use minibatch_train::{
     Clip, Control, EarlyStopping, Mode, ProgressMode, ScheduleEvery, TrainError, Trainer,
@@ -412,4 +413,100 @@ fn invalid_settings_are_typed_errors() {
         .err()
         .unwrap();
     assert!(err.to_string().contains("clip value"), "{err}");
+}
+
+/// Resume at an epoch boundary with a validation loader, ReduceLROnPlateau on
+/// `val_loss` and EarlyStopping: weights, learning rates and the stopping
+/// epoch match the uninterrupted run.
+#[test]
+fn resume_at_epoch_boundary_restores_plateau_schedule_and_early_stopping() {
+    let dev = Device::Cpu;
+    let init = varmap_bytes(&mlp(&dev).1).unwrap();
+    let build = |ckpt: Option<&std::path::Path>, resume: bool, epochs: u64| {
+        let (model, vm) = mlp(&dev);
+        load_weights(&vm, &init, std::path::Path::new("init")).unwrap();
+        let mut opt = Sgd::from_varmap(
+            &vm,
+            SgdConfig {
+                lr: 0.5,
+                momentum: 0.9,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        // patience 0: every epoch without a 1% relative improvement halves the lr
+        let plateau = ReduceLROnPlateau::with_options(
+            &mut opt,
+            PlateauMode::Min,
+            0.5,
+            0,
+            1e-2,
+            ThresholdMode::Rel,
+            0,
+            0.0,
+            1e-8,
+        )
+        .unwrap();
+        let val = DataLoader::builder(dataset(64, 9, &dev))
+            .batch_size(32)
+            .build()
+            .unwrap();
+        let mut b = Trainer::builder(model, vm, loader(&dev, 32, 0), opt)
+            .val_loader(val)
+            .scheduler(plateau, ScheduleEvery::EpochOnMetric("val_loss".into()))
+            .callback(
+                EarlyStopping::new("val_accuracy", Mode::Max)
+                    .patience(2)
+                    .min_delta(0.02),
+            )
+            .epochs(epochs)
+            .progress(ProgressMode::Silent);
+        if let Some(dir) = ckpt {
+            b = b.checkpoint_dir(dir);
+            if resume {
+                b = b.resume_from(dir);
+            }
+        }
+        b.build().unwrap()
+    };
+    let mut a = build(None, false, 30);
+    a.fit().unwrap();
+    let stopped_after = a.history().epochs.len();
+    assert!(stopped_after < 30, "early stopping should end this run");
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = build(Some(dir.path()), false, 2);
+    b.fit().unwrap();
+    assert_eq!(b.position(), (2, 0));
+    drop(b);
+    let mut c = build(Some(dir.path()), true, 30);
+    c.fit().unwrap();
+    assert_eq!(c.history().epochs.len(), stopped_after);
+    assert_eq!(
+        varmap_bytes(c.varmap()).unwrap(),
+        varmap_bytes(a.varmap()).unwrap()
+    );
+    let lrs = |t: &Trainer<Mlp>| t.history().steps.iter().map(|s| s.lr).collect::<Vec<_>>();
+    assert_eq!(lrs(&c), lrs(&a));
+    let first = lrs(&a)[0];
+    assert!(
+        lrs(&a).iter().any(|&l| l < first),
+        "the plateau schedule should have cut the lr"
+    );
+    assert_eq!(
+        c.history().epochs,
+        a.history()
+            .epochs
+            .iter()
+            .map(|e| {
+                // timings differ between runs; everything else must not
+                let mut e = e.clone();
+                let r = &c.history().epochs[e.epoch as usize];
+                e.epoch_time_s = r.epoch_time_s;
+                e.samples_per_s = r.samples_per_s;
+                e.data_wait_share = r.data_wait_share;
+                e
+            })
+            .collect::<Vec<_>>()
+    );
 }
