@@ -169,7 +169,7 @@ pub(crate) fn summary(
         0.0
     };
     println!(
-        "done: {epochs} epoch(s), {steps} step(s) in {total:.2} s ({per_epoch:.2} s/epoch training, {:.0} samples/s)",
+        "done: {epochs} full epoch(s), {steps} step(s) in all, {total:.2} s this run ({per_epoch:.2} s/epoch training, {:.0} samples/s)",
         if train_s > 0.0 { samples as f64 / train_s } else { 0.0 }
     );
 }

@@ -700,6 +700,8 @@ impl<M: Model> Trainer<M> {
                         }
                     }
                     bar.abandon();
+                    train_s += self.ep.wait_s + self.ep.compute_s;
+                    samples += self.ep.loss.count();
                     break;
                 }
                 self.epoch_batches_done = true;
@@ -710,6 +712,11 @@ impl<M: Model> Trainer<M> {
             }
             stop |= self.end_epoch()?;
             epochs_run += 1;
+        }
+        if let Some(dir) = &self.out_dir {
+            // also after a stop mid-epoch: the step records are new
+            self.history.save(dir)?;
+            crate::plot::plot_history(&self.history, &dir.join("history.svg"))?;
         }
         progress::summary(
             self.progress,
