@@ -4,8 +4,14 @@
 //! the same DataLoader (the Trainer's extra work: a loss read-back per step,
 //! top-1 accuracy on every batch, history records, timing).
 //!
+//! Both are run twice: with `candle_nn::Linear` layers, and with
+//! `minibatch_train::Linear` (same maths and forward bits, a backward pass
+//! that skips the unused gradient of the input batch and the transpose chain).
+//!
 //! Before the criterion groups, one epoch of the hand-written loop is timed
-//! phase by phase (fetch / forward+loss / backward / step) and printed.
+//! phase by phase (fetch / forward+loss / backward / step) for each layer
+//! type and printed, then the loops run interleaved (so load from other
+//! processes hits all alike) and the best epoch of each is printed.
 //!
 //! `cargo bench --bench mnist_epoch`
 
@@ -13,13 +19,35 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{linear, Linear, VarBuilder, VarMap};
+use candle_nn::{VarBuilder, VarMap};
 use criterion::{criterion_group, criterion_main, Criterion};
 use minibatch_data::{mnist, DataLoader, TensorDataset};
 use minibatch_optim::{Optimizer, Sgd, SgdConfig};
 use minibatch_train::{ProgressMode, Trainer};
 
-struct Mlp(Linear, Linear);
+/// Which layer type the MLP is built from.
+#[derive(Clone, Copy)]
+enum Layers {
+    CandleNn,
+    Lean,
+}
+
+impl Layers {
+    fn name(self) -> &'static str {
+        match self {
+            Layers::CandleNn => "candle_nn::Linear",
+            Layers::Lean => "minibatch_train::Linear",
+        }
+    }
+    fn linear(self, i: usize, o: usize, vb: VarBuilder) -> Box<dyn Module> {
+        match self {
+            Layers::CandleNn => Box::new(candle_nn::linear(i, o, vb).unwrap()),
+            Layers::Lean => Box::new(minibatch_train::linear(i, o, vb).unwrap()),
+        }
+    }
+}
+
+struct Mlp(Box<dyn Module>, Box<dyn Module>);
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -32,12 +60,12 @@ fn data() -> TensorDataset {
     mnist::load(dir, &Device::Cpu).unwrap().0
 }
 
-fn setup(ds: &TensorDataset) -> (Mlp, VarMap, DataLoader, Sgd) {
+fn setup(ds: &TensorDataset, layers: Layers) -> (Mlp, VarMap, DataLoader, Sgd) {
     let vm = VarMap::new();
     let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
     let m = Mlp(
-        linear(784, 128, vb.pp("fc1")).unwrap(),
-        linear(128, 10, vb.pp("fc2")).unwrap(),
+        layers.linear(784, 128, vb.pp("fc1")),
+        layers.linear(128, 10, vb.pp("fc2")),
     );
     let loader = DataLoader::builder(ds.clone())
         .batch_size(64)
@@ -67,8 +95,8 @@ fn hand_loop(m: &Mlp, loader: &DataLoader, opt: &mut Sgd, epoch: u64) -> f32 {
     last
 }
 
-fn phases(ds: &TensorDataset) {
-    let (m, _vm, loader, mut opt) = setup(ds);
+fn phases(ds: &TensorDataset, layers: Layers) {
+    let (m, _vm, loader, mut opt) = setup(ds, layers);
     hand_loop(&m, &loader, &mut opt, 0); // warm-up
     let (mut fetch, mut fwd, mut bwd, mut step) = (0f64, 0f64, 0f64, 0f64);
     let t = Instant::now();
@@ -92,7 +120,8 @@ fn phases(ds: &TensorDataset) {
     }
     let total = t.elapsed().as_secs_f64();
     println!(
-        "hand-written epoch: {total:.3} s ({:.0} samples/s): fetch {:.1}%, forward+loss {:.1}%, backward {:.1}%, step {:.1}%",
+        "hand-written epoch, {}: {total:.3} s ({:.0} samples/s): fetch {:.1}%, forward+loss {:.1}%, backward {:.1}%, step {:.1}%",
+        layers.name(),
         60000.0 / total,
         100.0 * fetch / total,
         100.0 * fwd / total,
@@ -101,48 +130,55 @@ fn phases(ds: &TensorDataset) {
     );
 }
 
-/// Interleaved epochs (hand loop, Trainer, Trainer without the accuracy
-/// metric) so that load from other processes hits all three alike.
+/// Interleaved epochs: for each layer type a hand-written loop and the
+/// Trainer, so that load from other processes hits all four alike.
 fn interleaved(ds: &TensorDataset, rounds: usize) {
-    let (m, _vm, loader, mut opt) = setup(ds);
-    let mk = |metrics: bool| {
-        let (m, vm, loader, opt) = setup(ds);
-        let mut b = Trainer::builder(m, vm, loader, opt)
-            .progress(ProgressMode::Silent)
-            .epochs(0);
-        if !metrics {
-            b = b.no_default_metrics();
-        }
-        b.build().unwrap()
-    };
-    let (mut t1, mut t2) = (mk(true), mk(false));
-    let mut best = [f64::MAX; 3];
+    let kinds = [Layers::CandleNn, Layers::Lean];
+    let mut hands: Vec<_> = kinds.iter().map(|&l| setup(ds, l)).collect();
+    let mut trainers: Vec<_> = kinds
+        .iter()
+        .map(|&l| {
+            let (m, vm, loader, opt) = setup(ds, l);
+            Trainer::builder(m, vm, loader, opt)
+                .progress(ProgressMode::Silent)
+                .epochs(0)
+                .build()
+                .unwrap()
+        })
+        .collect();
+    let mut best = [[f64::MAX; 2]; 2];
     for r in 0..rounds as u64 {
-        let t = Instant::now();
-        hand_loop(&m, &loader, &mut opt, r);
-        best[0] = best[0].min(t.elapsed().as_secs_f64());
-        for (i, tr) in [&mut t1, &mut t2].into_iter().enumerate() {
-            tr.set_epochs(r + 1);
+        for k in 0..kinds.len() {
+            let (m, _vm, loader, opt) = &mut hands[k];
             let t = Instant::now();
-            tr.fit().unwrap();
-            best[i + 1] = best[i + 1].min(t.elapsed().as_secs_f64());
+            hand_loop(m, loader, opt, r);
+            best[k][0] = best[k][0].min(t.elapsed().as_secs_f64());
+            trainers[k].set_epochs(r + 1);
+            let t = Instant::now();
+            trainers[k].fit().unwrap();
+            best[k][1] = best[k][1].min(t.elapsed().as_secs_f64());
         }
     }
+    for (k, l) in kinds.iter().enumerate() {
+        let [hand, trainer] = best[k];
+        println!(
+            "best of {rounds} interleaved epochs, {}: hand-written {hand:.3} s ({:.0} samples/s), Trainer {trainer:.3} s ({:.0} samples/s, {:+.1}% overhead)",
+            l.name(),
+            60000.0 / hand,
+            60000.0 / trainer,
+            100.0 * (trainer / hand - 1.0),
+        );
+    }
     println!(
-        "best of {rounds} interleaved epochs: hand-written {:.3} s ({:.0} samples/s), Trainer {:.3} s ({:.0} samples/s, {:+.1}%), Trainer without accuracy {:.3} s ({:+.1}%)",
-        best[0],
-        60000.0 / best[0],
-        best[1],
-        60000.0 / best[1],
-        100.0 * (best[1] / best[0] - 1.0),
-        best[2],
-        100.0 * (best[2] / best[0] - 1.0)
+        "Trainer with minibatch_train::Linear vs hand-written loop with candle_nn::Linear: {:.2}x faster",
+        best[0][0] / best[1][1]
     );
 }
 
 fn bench(c: &mut Criterion) {
     let ds = data();
-    phases(&ds);
+    phases(&ds, Layers::CandleNn);
+    phases(&ds, Layers::Lean);
     let rounds = std::env::var("MNIST_BENCH_ROUNDS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -153,7 +189,7 @@ fn bench(c: &mut Criterion) {
     g.measurement_time(Duration::from_secs(20));
     g.warm_up_time(Duration::from_secs(3));
     {
-        let (m, _vm, loader, mut opt) = setup(&ds);
+        let (m, _vm, loader, mut opt) = setup(&ds, Layers::CandleNn);
         let mut e = 0;
         g.bench_function("hand_written_loop", |b| {
             b.iter(|| {
@@ -162,15 +198,18 @@ fn bench(c: &mut Criterion) {
             })
         });
     }
-    {
-        let (m, vm, loader, opt) = setup(&ds);
+    for (name, layers) in [
+        ("trainer_fit", Layers::CandleNn),
+        ("trainer_fit_lean_linear", Layers::Lean),
+    ] {
+        let (m, vm, loader, opt) = setup(&ds, layers);
         let mut t = Trainer::builder(m, vm, loader, opt)
             .progress(ProgressMode::Silent)
             .epochs(0)
             .build()
             .unwrap();
         let mut e = 0;
-        g.bench_function("trainer_fit", |b| {
+        g.bench_function(name, |b| {
             b.iter(|| {
                 e += 1;
                 t.set_epochs(e);
