@@ -6,9 +6,10 @@
 
 use anyhow::Result;
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{linear, VarBuilder, VarMap};
+use candle_nn::{VarBuilder, VarMap};
 use minibatch_data::{mnist, DataLoader, Dataset, Subset};
 use minibatch_optim::{clip_grad_norm, LrScheduler, Norm, OneCycleLR, Optimizer, Sgd, SgdConfig};
+use minibatch_train::linear;
 use minibatch_train::{evaluate, Accuracy, Metric};
 use std::sync::Arc;
 

@@ -19,9 +19,10 @@ use std::time::Instant;
 
 use anyhow::Result;
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{linear, VarBuilder, VarMap};
+use candle_nn::{VarBuilder, VarMap};
 use minibatch_data::{mnist, DataLoader, Dataset, Subset};
 use minibatch_optim::{Sgd, SgdConfig};
+use minibatch_train::linear;
 use minibatch_train::plot::{plot_lines, Series};
 use minibatch_train::{Control, ProgressMode, Trainer};
 

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Module, ModuleT, Tensor};
-use candle_nn::{conv2d, linear, Conv2d, Conv2dConfig, Linear, VarBuilder, VarMap};
+use candle_nn::{conv2d, Conv2d, Conv2dConfig, VarBuilder, VarMap};
 use clap::{Parser, ValueEnum};
 use minibatch_data::{mnist, parse_device, DataLoader};
 use minibatch_optim::{
@@ -23,7 +23,8 @@ use minibatch_optim::{
     LrScheduler, OneCycleLR, Optimizer, ReduceLROnPlateau, RmsProp, RmsPropConfig, Sgd, SgdConfig,
     StepLR,
 };
-use minibatch_train::{Mode, ProgressMode, ScheduleEvery, Trainer};
+// `minibatch_train::Linear`: candle_nn::Linear's maths with a leaner backward pass.
+use minibatch_train::{linear, Linear, Mode, ProgressMode, ScheduleEvery, Trainer};
 use rand::{Rng, SeedableRng};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
