@@ -9,11 +9,12 @@ mod common;
 
 use std::collections::HashMap;
 
+use candle_core::Module;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use minibatch_data::{available_devices, DataLoader, FixedOrderSampler, TensorDataset};
 use minibatch_optim::{Sgd, SgdConfig};
-use minibatch_train::{ProgressMode, Trainer};
+use minibatch_train::{Linear, ProgressMode, Trainer};
 
 fn sgd_config(h: &serde_json::Value) -> SgdConfig {
     let f = |k: &str, d: f64| h.get(k).and_then(|v| v.as_f64()).unwrap_or(d);
@@ -41,7 +42,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
-fn replay(case: &serde_json::Value, dev: &Device) {
+fn replay(case: &serde_json::Value, dev: &Device, lean: bool) {
     let file = common::reference_dir().join(case["file"].as_str().unwrap());
     let t: HashMap<String, Tensor> = candle_core::safetensors::load(&file, dev).unwrap();
     assert_eq!(
@@ -75,12 +76,20 @@ fn replay(case: &serde_json::Value, dev: &Device) {
         vars["w2"].as_tensor().clone(),
         vars["b2"].as_tensor().clone(),
     );
+    let (fc1, fc2) = (
+        Linear::new(w1.clone(), Some(b1.clone())),
+        Linear::new(w2.clone(), Some(b2.clone())),
+    );
     let model = move |x: &Tensor| -> candle_core::Result<Tensor> {
-        x.matmul(&w1.t()?)?
-            .broadcast_add(&b1)?
-            .relu()?
-            .matmul(&w2.t()?)?
-            .broadcast_add(&b2)
+        if lean {
+            fc2.forward(&fc1.forward(x)?.relu()?)
+        } else {
+            x.matmul(&w1.t()?)?
+                .broadcast_add(&b1)?
+                .relu()?
+                .matmul(&w2.t()?)?
+                .broadcast_add(&b2)
+        }
     };
 
     let order: Vec<usize> = t["order"]
@@ -117,14 +126,17 @@ fn replay(case: &serde_json::Value, dev: &Device) {
     for (s, (got, want)) in history.steps.iter().zip(&want).enumerate() {
         assert!(
             (got.loss - want).abs() < tol,
-            "{}: step {s} loss {} vs torch {want} on {dev:?}",
+            "{} (lean Linear: {lean}): step {s} loss {} vs torch {want} on {dev:?}",
             file.display(),
             got.loss
         );
     }
     for name in ["w1", "b1", "w2", "b2"] {
         let d = max_abs_diff(vars[name].as_tensor(), &t[&format!("{name}.final")]);
-        assert!(f64::from(d) < tol, "{name}.final differs by {d} on {dev:?}");
+        assert!(
+            f64::from(d) < tol,
+            "{name}.final differs by {d} on {dev:?} (lean Linear: {lean})"
+        );
     }
 }
 
@@ -135,7 +147,9 @@ fn mlp_sgd_matches_pytorch_step_by_step() {
     assert!(!cases.is_empty());
     for dev in available_devices() {
         for case in cases {
-            replay(case, &dev);
+            for lean in [false, true] {
+                replay(case, &dev, lean);
+            }
         }
     }
 }
