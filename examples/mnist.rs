@@ -20,8 +20,8 @@ use clap::{Parser, ValueEnum};
 use minibatch_data::{mnist, parse_device, DataLoader};
 use minibatch_optim::{
     Adagrad, AdagradConfig, Adam, AdamConfig, AdamW, AdamWConfig, CosineAnnealingLR, ExponentialLR,
-    LrScheduler, OneCycleLR, Optimizer, ReduceLROnPlateau, RmsProp, RmsPropConfig, Sgd, SgdConfig,
-    StepLR,
+    LrScheduler, OneCycleLR, OneCycleOptions, Optimizer, ReduceLROnPlateau, RmsProp, RmsPropConfig,
+    Sgd, SgdConfig, StepLR,
 };
 // `minibatch_train::Linear`: candle_nn::Linear's maths with a leaner backward pass.
 use minibatch_train::{linear, Linear, Mode, ProgressMode, ScheduleEvery, Trainer};
@@ -51,7 +51,8 @@ enum Schedule {
     Exponential,
     /// CosineAnnealingLR over the epochs
     Cosine,
-    /// OneCycleLR per step, max_lr = --lr
+    /// OneCycleLR per step, max_lr = --lr, momentum (or Adam's beta1) cycled
+    /// 0.95 -> 0.85 -> 0.95 (not for adagrad, which has none)
     Onecycle,
     /// ReduceLROnPlateau on val_loss
     Plateau,
@@ -281,10 +282,20 @@ fn main() -> Result<()> {
             Box::new(CosineAnnealingLR::new(opt.as_mut(), epochs, 0.0)?),
             ScheduleEvery::Epoch,
         )),
-        Schedule::Onecycle => Some((
-            Box::new(OneCycleLR::new(opt.as_mut(), lr, epochs * steps_per_epoch)?),
-            ScheduleEvery::Step,
-        )),
+        Schedule::Onecycle => {
+            // Momentum cycling (PyTorch's default) needs a momentum or beta1:
+            // Adagrad has neither, so it gets the lr cycle only.
+            let cycle_momentum = opt.momentum(0).is_some();
+            let options = OneCycleOptions {
+                cycle_momentum,
+                ..Default::default()
+            };
+            let total = epochs * steps_per_epoch;
+            Some((
+                Box::new(OneCycleLR::with_options(opt.as_mut(), lr, total, options)?),
+                ScheduleEvery::Step,
+            ))
+        }
         Schedule::Plateau => Some((
             Box::new(ReduceLROnPlateau::new(opt.as_mut())?),
             ScheduleEvery::EpochOnMetric("val_loss".into()),

@@ -261,6 +261,15 @@ impl UpdateRule for AdamConfig {
         self.lr = lr;
     }
 
+    /// `beta1` (PyTorch `betas[0]`), cycled by `OneCycleLR`.
+    fn momentum(&self) -> Option<f64> {
+        Some(self.beta1)
+    }
+
+    fn set_momentum(&mut self, momentum: f64) {
+        self.beta1 = momentum;
+    }
+
     fn validate(&self) -> Result<()> {
         validate_adam(self)
     }

@@ -367,6 +367,43 @@ impl<R: UpdateRule> Optimizer for GenericOptimizer<R> {
         }
     }
 
+    fn momentum(&self, group: usize) -> Option<f64> {
+        self.rules.get(group).and_then(|r| r.momentum())
+    }
+
+    fn set_momentum(&mut self, group: usize, momentum: f64) -> Result<()> {
+        let n = self.rules.len();
+        let Some(rule) = self.rules.get(group) else {
+            return Err(OptimError::InvalidSetup(format!(
+                "{}: no parameter group {group} (it has {n})",
+                R::KIND
+            )));
+        };
+        if rule.momentum().is_none() {
+            return Err(OptimError::InvalidSetup(format!(
+                "{} has no momentum (nor betas) to set",
+                R::KIND
+            )));
+        }
+        let mut new = rule.clone();
+        new.set_momentum(momentum);
+        new.validate()?;
+        if new.state_names() != rule.state_names() && self.states[group].iter().any(|s| s.is_some())
+        {
+            return Err(OptimError::InvalidSetup(format!(
+                "{}: setting momentum {} -> {momentum} in group {group} changes the state \
+                 buffers ({:?} -> {:?}) of parameters that already have state; set it before \
+                 the first step",
+                R::KIND,
+                rule.momentum().unwrap_or_default(),
+                rule.state_names(),
+                new.state_names()
+            )));
+        }
+        self.rules[group] = new;
+        Ok(())
+    }
+
     fn param_groups(&self) -> &[ParamGroup] {
         &self.groups
     }

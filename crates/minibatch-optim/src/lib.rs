@@ -108,6 +108,6 @@ pub use rmsprop::{RmsProp, RmsPropConfig};
 pub use rule::{UpdateRule, MAX_STATE_BUFFERS};
 pub use schedule::{
     CosineAnnealing, CosineAnnealingLR, CosineAnnealingWarmRestarts, ExponentialLR, LinearLR,
-    LrScheduler, MultiStepLR, OneCycleLR, ReduceLROnPlateau, SequentialLR, StepLR,
+    LrScheduler, MultiStepLR, OneCycleLR, OneCycleOptions, ReduceLROnPlateau, SequentialLR, StepLR,
 };
 pub use sgd::{Sgd, SgdConfig};

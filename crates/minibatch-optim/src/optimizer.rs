@@ -28,6 +28,29 @@ pub trait Optimizer: Send {
     /// Sets the learning rate of every group.
     fn set_learning_rate(&mut self, lr: f64);
 
+    /// The momentum of group `group` (PyTorch's `momentum`, or `betas[0]` for
+    /// Adam and AdamW), as cycled by [`OneCycleLR`](crate::OneCycleLR).
+    /// `None` when the group does not exist or its optimizer has no momentum
+    /// (Adagrad). The default returns `None`.
+    fn momentum(&self, group: usize) -> Option<f64> {
+        let _ = group;
+        None
+    }
+
+    /// Sets the momentum (or `betas[0]`) of group `group`. Errors when the
+    /// group does not exist, its optimizer has no momentum, the new value is
+    /// invalid (the optimizer is then unchanged), or the change would add or
+    /// remove a state buffer of parameters that already have state (SGD and
+    /// RMSprop keep a momentum buffer only when momentum > 0). The default
+    /// always errors.
+    fn set_momentum(&mut self, group: usize, momentum: f64) -> Result<()> {
+        let _ = (group, momentum);
+        Err(crate::OptimError::InvalidSetup(format!(
+            "{} has no momentum to set",
+            self.name()
+        )))
+    }
+
     /// The parameter groups.
     fn param_groups(&self) -> &[ParamGroup];
 

@@ -42,6 +42,21 @@ pub trait UpdateRule: Clone + std::fmt::Debug + Send + Sync + 'static {
     /// Sets the learning rate of this group.
     fn set_learning_rate(&mut self, lr: f64);
 
+    /// The momentum-like hyperparameter cycled by
+    /// [`OneCycleLR`](crate::OneCycleLR) (PyTorch's `momentum`, or `betas[0]`
+    /// for Adam-style rules), if the rule has one. `None` (the default) means
+    /// it has none, like Adagrad.
+    fn momentum(&self) -> Option<f64> {
+        None
+    }
+
+    /// Sets the hyperparameter returned by [`momentum`](UpdateRule::momentum).
+    /// The default does nothing (rules without momentum). The optimizer
+    /// validates the rule afterwards.
+    fn set_momentum(&mut self, momentum: f64) {
+        let _ = momentum;
+    }
+
     /// Checks the hyperparameters; the error names the offending one.
     fn validate(&self) -> Result<()>;
 

@@ -119,6 +119,15 @@ impl UpdateRule for SgdConfig {
         self.lr = lr;
     }
 
+    /// `momentum`, cycled by `OneCycleLR`.
+    fn momentum(&self) -> Option<f64> {
+        Some(self.momentum)
+    }
+
+    fn set_momentum(&mut self, momentum: f64) {
+        self.momentum = momentum;
+    }
+
     fn validate(&self) -> Result<()> {
         check_non_negative("lr", self.lr)?;
         check_non_negative("momentum", self.momentum)?;

@@ -28,7 +28,7 @@ pub use cosine_annealing_warm_restarts::CosineAnnealingWarmRestarts;
 pub use exponential_lr::ExponentialLR;
 pub use linear_lr::LinearLR;
 pub use multi_step_lr::MultiStepLR;
-pub use one_cycle_lr::{Anneal, OneCycleLR};
+pub use one_cycle_lr::{Anneal, OneCycleLR, OneCycleOptions};
 pub use pytorch::from_pytorch;
 pub use reduce_lr_on_plateau::{PlateauMode, ReduceLROnPlateau, ThresholdMode};
 pub use sequential_lr::SequentialLR;

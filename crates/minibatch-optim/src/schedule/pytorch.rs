@@ -142,18 +142,25 @@ pub fn from_pytorch(
             };
             let div = k.f64("div_factor", Some(25.0))?;
             let fdiv = k.f64("final_div_factor", Some(1e4))?;
-            let three = k.bool("three_phase", false)?;
-            // Momentum cycling is not supported; accept the PyTorch keywords
-            // only when they turn it off.
-            if k.bool("cycle_momentum", true)? {
-                // The default in PyTorch; momentum is left alone here.
-            }
-            for key in ["base_momentum", "max_momentum"] {
-                k.map.remove(key);
-            }
+            let three_phase = k.bool("three_phase", false)?;
+            let cycle_momentum = k.bool("cycle_momentum", true)?;
+            let base_momentum = k.f64("base_momentum", Some(0.85))?;
+            let max_momentum = k.f64("max_momentum", Some(0.95))?;
             k.finish()?;
             Box::new(OneCycleLR::with_options(
-                opt, max_lr, total, pct, anneal, div, fdiv, three,
+                opt,
+                max_lr,
+                total,
+                OneCycleOptions {
+                    pct_start: pct,
+                    anneal,
+                    div_factor: div,
+                    final_div_factor: fdiv,
+                    three_phase,
+                    cycle_momentum,
+                    base_momentum,
+                    max_momentum,
+                },
             )?)
         }
         "CosineAnnealingWarmRestarts" => {
