@@ -67,8 +67,8 @@ pub mod prelude {
     pub use minibatch_optim::{
         clip_grad_norm, clip_grad_value, Adagrad, AdagradConfig, Adam, AdamConfig, AdamW,
         AdamWConfig, CosineAnnealingLR, CosineAnnealingWarmRestarts, ExponentialLR,
-        GradAccumulator, LinearLR, LrScheduler, MultiStepLR, Norm, OneCycleLR, Optimizer,
-        ReduceLROnPlateau, RmsProp, RmsPropConfig, SequentialLR, Sgd, SgdConfig, StepLR,
+        GradAccumulator, LinearLR, LrScheduler, MultiStepLR, Norm, OneCycleLR, OneCycleOptions,
+        Optimizer, ReduceLROnPlateau, RmsProp, RmsPropConfig, SequentialLR, Sgd, SgdConfig, StepLR,
         UpdateRule,
     };
     pub use minibatch_train::{
