@@ -232,7 +232,8 @@ mod tests {
             assert_eq!(max_abs_diff(&ya, &yb), 0.0, "{dtype:?}: forward differs");
             let ga = ya.sqr()?.sum_all()?.backward()?;
             let gb = yb.sqr()?.sum_all()?.backward()?;
-            let tol = if dtype == DType::F32 { 1e-4 } else { 1e-12 };
+            // Relative to the gradient's size: the sums run in another order.
+            let rtol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
             for v in [&w1, &b1, &w2, &b2] {
                 let (a, b) = (
                     ga.get(v.as_tensor()).unwrap(),
@@ -240,7 +241,11 @@ mod tests {
                 );
                 assert_eq!(a.dims(), b.dims());
                 let d = max_abs_diff(a, b);
-                assert!(d < tol, "{dtype:?}: gradient differs by {d}");
+                let scale = max_abs_diff(b, &b.zeros_like()?).max(1.0);
+                assert!(
+                    d <= rtol * scale,
+                    "{dtype:?}: gradient differs by {d} (scale {scale})"
+                );
             }
             assert!(ga.get(&x).is_none(), "the data batch must get no gradient");
         }
