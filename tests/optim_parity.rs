@@ -19,7 +19,7 @@ mod common;
 use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{Device, Var};
 use minibatch_optim::{
     AdagradConfig, AdamConfig, AdamWConfig, GenericOptimizer, Optimizer, RmsPropConfig, SgdConfig,
     UpdateRule,
@@ -168,31 +168,6 @@ fn metadata(path: &std::path::Path) -> HashMap<String, Value> {
         .collect()
 }
 
-fn assert_close(what: &str, got: &Tensor, want: &Tensor, rtol: f64, atol: f64) {
-    let got: Vec<f64> = got
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let want: Vec<f64> = want
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    for (j, (g, w)) in got.iter().zip(&want).enumerate() {
-        assert!(
-            (g - w).abs() <= rtol * w.abs() + atol,
-            "{what}[{j}]: got {g:e}, PyTorch {w:e} (diff {:e})",
-            (g - w).abs()
-        );
-    }
-}
-
 #[test]
 fn optimizers_match_pytorch_trajectories() {
     let dir = common::reference_dir();
@@ -264,7 +239,7 @@ fn optimizers_match_pytorch_trajectories() {
                         .unwrap_or_else(|e| panic!("{ctx}: step {k}: {e}"));
                     for (i, v) in vars.iter().enumerate() {
                         let want = t(format!("param.{i}.after.{k}"));
-                        assert_close(
+                        common::assert_close(
                             &format!("{ctx}: param {i} after step {k}"),
                             v.as_tensor(),
                             &want,
