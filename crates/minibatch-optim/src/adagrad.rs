@@ -4,7 +4,8 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::error::check_non_negative;
-use crate::{Float, GenericOptimizer, OptimError, Result, UpdateRule};
+use crate::rule::{hyperparameters_from_json, hyperparameters_to_json};
+use crate::{Float, GenericOptimizer, Result, UpdateRule};
 
 /// Hyperparameters of [`Adagrad`] (`torch.optim.Adagrad` names and defaults).
 ///
@@ -129,12 +130,11 @@ impl UpdateRule for AdagradConfig {
     }
 
     fn to_json(&self) -> serde_json::Value {
-        serde_json::to_value(self).unwrap_or_default()
+        hyperparameters_to_json(self)
     }
 
     fn load_json(&mut self, value: &serde_json::Value) -> Result<()> {
-        *self = serde_json::from_value(value.clone())
-            .map_err(|e| OptimError::CorruptState(format!("Adagrad hyperparameters: {e}")))?;
+        *self = hyperparameters_from_json(Self::KIND, value)?;
         Ok(())
     }
 }

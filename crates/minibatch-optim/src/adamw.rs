@@ -4,7 +4,8 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::adam::{adam_state_names, adam_update, adam_update_tensors, validate_adam};
-use crate::{AdamConfig, Float, GenericOptimizer, OptimError, Result, UpdateRule};
+use crate::rule::{hyperparameters_from_json, hyperparameters_to_json};
+use crate::{AdamConfig, Float, GenericOptimizer, Result, UpdateRule};
 
 /// Hyperparameters of [`AdamW`] (`torch.optim.AdamW` names and defaults:
 /// note `weight_decay` defaults to 0.01).
@@ -116,12 +117,11 @@ impl UpdateRule for AdamWConfig {
     }
 
     fn to_json(&self) -> serde_json::Value {
-        serde_json::to_value(self).unwrap_or_default()
+        hyperparameters_to_json(self)
     }
 
     fn load_json(&mut self, value: &serde_json::Value) -> Result<()> {
-        *self = serde_json::from_value(value.clone())
-            .map_err(|e| OptimError::CorruptState(format!("AdamW hyperparameters: {e}")))?;
+        *self = hyperparameters_from_json(Self::KIND, value)?;
         Ok(())
     }
 }

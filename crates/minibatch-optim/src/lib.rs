@@ -105,7 +105,7 @@ pub use generic::GenericOptimizer;
 pub use group::ParamGroup;
 pub use optimizer::Optimizer;
 pub use rmsprop::{RmsProp, RmsPropConfig};
-pub use rule::{UpdateRule, MAX_STATE_BUFFERS};
+pub use rule::{hyperparameters_from_json, hyperparameters_to_json, UpdateRule, MAX_STATE_BUFFERS};
 pub use schedule::{
     CosineAnnealing, CosineAnnealingLR, CosineAnnealingWarmRestarts, ExponentialLR, LinearLR,
     LrScheduler, MultiStepLR, OneCycleLR, OneCycleOptions, ReduceLROnPlateau, SequentialLR, StepLR,

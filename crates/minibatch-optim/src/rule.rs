@@ -109,3 +109,21 @@ pub trait UpdateRule: Clone + std::fmt::Debug + Send + Sync + 'static {
         }
     }
 }
+
+/// The hyperparameters of a serde rule as JSON: a ready body for
+/// [`UpdateRule::to_json`] when the rule derives `Serialize`.
+pub fn hyperparameters_to_json<R: serde::Serialize>(rule: &R) -> serde_json::Value {
+    serde_json::to_value(rule).unwrap_or_default()
+}
+
+/// Hyperparameters read back from [`hyperparameters_to_json`]'s JSON: a ready
+/// body for [`UpdateRule::load_json`] when the rule derives `Deserialize`
+/// (`*self = hyperparameters_from_json(Self::KIND, value)?`). A value that does
+/// not fit is a `CorruptState` error naming `kind`.
+pub fn hyperparameters_from_json<R: serde::de::DeserializeOwned>(
+    kind: &str,
+    value: &serde_json::Value,
+) -> Result<R> {
+    serde_json::from_value(value.clone())
+        .map_err(|e| crate::OptimError::CorruptState(format!("{kind} hyperparameters: {e}")))
+}

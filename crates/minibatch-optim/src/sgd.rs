@@ -5,6 +5,7 @@ use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::error::check_non_negative;
+use crate::rule::{hyperparameters_from_json, hyperparameters_to_json};
 use crate::{Float, GenericOptimizer, OptimError, Result, UpdateRule};
 
 /// Hyperparameters of [`Sgd`] (PyTorch's `torch.optim.SGD` keyword names and
@@ -212,12 +213,11 @@ impl UpdateRule for SgdConfig {
     }
 
     fn to_json(&self) -> serde_json::Value {
-        serde_json::to_value(self).unwrap_or_default()
+        hyperparameters_to_json(self)
     }
 
     fn load_json(&mut self, value: &serde_json::Value) -> Result<()> {
-        *self = serde_json::from_value(value.clone())
-            .map_err(|e| OptimError::CorruptState(format!("SGD hyperparameters: {e}")))?;
+        *self = hyperparameters_from_json(Self::KIND, value)?;
         Ok(())
     }
 }
