@@ -214,24 +214,22 @@ impl OneCycleLR {
     ) -> (f64, f64) {
         let total = self.total_steps as f64;
         // (end_step, start_lr, end_lr, start_momentum, end_momentum)
-        let phases: Vec<(f64, f64, f64, f64, f64)> = if self.three_phase {
-            vec![
-                (self.pct_start * total - 1.0, initial, max, max_m, base_m),
-                (
-                    2.0 * self.pct_start * total - 2.0,
-                    max,
-                    initial,
-                    base_m,
-                    max_m,
-                ),
-                (total - 1.0, initial, min, max_m, max_m),
-            ]
-        } else {
-            vec![
-                (self.pct_start * total - 1.0, initial, max, max_m, base_m),
-                (total - 1.0, max, min, base_m, max_m),
-            ]
-        };
+        let three = [
+            (self.pct_start * total - 1.0, initial, max, max_m, base_m),
+            (
+                2.0 * self.pct_start * total - 2.0,
+                max,
+                initial,
+                base_m,
+                max_m,
+            ),
+            (total - 1.0, initial, min, max_m, max_m),
+        ];
+        let two = [
+            (self.pct_start * total - 1.0, initial, max, max_m, base_m),
+            (total - 1.0, max, min, base_m, max_m),
+        ];
+        let phases: &[(f64, f64, f64, f64, f64)] = if self.three_phase { &three } else { &two };
         let step = step as f64;
         let mut start_step = 0.0;
         for (i, &(end_step, from, to, m_from, m_to)) in phases.iter().enumerate() {
@@ -245,7 +243,6 @@ impl OneCycleLR {
     }
 
     fn apply(&mut self, opt: &mut dyn Optimizer) -> Result<()> {
-        let this = self.clone();
         let n = opt.param_groups().len();
         if n != self.lrs.len() {
             return Err(OptimError::Schedule(format!(
@@ -253,21 +250,24 @@ impl OneCycleLR {
                 self.lrs.len(),
             )));
         }
-        let values: Vec<(f64, f64)> = (0..n)
-            .map(|g| {
-                let m = this.momentums.get(g).copied().unwrap_or((0.0, 0.0));
-                this.at(this.lrs[g], m, this.core.last_epoch)
-            })
-            .collect();
+        // Per group (lr, momentum) now; pure arithmetic, so computed where used.
+        let at = |this: &Self, g: usize| {
+            let m = this.momentums.get(g).copied().unwrap_or((0.0, 0.0));
+            this.at(this.lrs[g], m, this.core.last_epoch)
+        };
         if self.cycle_momentum {
-            for (g, &(_, m)) in values.iter().enumerate() {
+            // Every group's momentum first (a failure leaves the lrs as they were).
+            self.last_momentum.clear();
+            for g in 0..n {
+                let (_, m) = at(self, g);
                 opt.set_momentum(g, m)?;
+                self.last_momentum.push(m);
             }
-            self.last_momentum = values.iter().map(|v| v.1).collect();
         }
         self.core.last_lr.clear();
-        for (g, &(lr, _)) in opt.param_groups_mut().iter_mut().zip(&values) {
-            g.lr = lr;
+        for g in 0..n {
+            let (lr, _) = at(self, g);
+            opt.param_groups_mut()[g].lr = lr;
             self.core.last_lr.push(lr);
         }
         Ok(())
