@@ -21,6 +21,8 @@
 //! (CUDA, half precision, batched 3-D inputs, no bias) takes the ordinary
 //! candle ops path, so the layer works everywhere.
 
+use std::sync::{Arc, OnceLock};
+
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
@@ -102,9 +104,7 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match &self.bias {
-            Some(bias) if self.fused_applies(x) => {
-                x.apply_op3_arc(&self.weight, bias, std::sync::Arc::new(Box::new(LinearOp)))
-            }
+            Some(bias) if self.fused_applies(x) => x.apply_op3_arc(&self.weight, bias, linear_op()),
             // Everything else: exactly candle_nn::Linear's ops.
             _ => candle_nn::Linear::new(self.weight.clone(), self.bias.clone()).forward(x),
         }
@@ -113,6 +113,13 @@ impl Module for Linear {
 
 /// `y = x Wᵀ + b` on CPU storage, with the lean backward described in the module docs.
 struct LinearOp;
+
+/// The one shared [`LinearOp`]: each forward pass only bumps its count
+/// (candle keeps the op in the graph for the backward pass).
+fn linear_op() -> Arc<Box<dyn CustomOp3 + Send + Sync>> {
+    static OP: OnceLock<Arc<Box<dyn CustomOp3 + Send + Sync>>> = OnceLock::new();
+    OP.get_or_init(|| Arc::new(Box::new(LinearOp))).clone()
+}
 
 fn add_bias<T: Copy + std::ops::AddAssign>(mut out: Vec<T>, bias: &[T], n: usize) -> Vec<T> {
     for row in out.chunks_exact_mut(n) {
