@@ -73,15 +73,7 @@ impl<R: UpdateRule> GenericOptimizer<R> {
     /// All variables of a [`VarMap`], named by their VarMap names and sorted
     /// by name (so the order and the saved state are stable).
     pub fn from_varmap(varmap: &VarMap, config: R) -> Result<Self> {
-        let data = varmap
-            .data()
-            .lock()
-            .map_err(|_| OptimError::InvalidSetup("the VarMap's lock is poisoned".into()))?;
-        let mut params: Vec<(String, Var)> =
-            data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        drop(data);
-        params.sort_by(|a, b| a.0.cmp(&b.0));
-        Self::named(params, config)
+        Self::named(crate::varmap_vars(varmap)?, config)
     }
 
     /// Several parameter groups, each with its own hyperparameters (like

@@ -81,6 +81,7 @@ mod accumulate;
 mod adagrad;
 mod adam;
 mod adamw;
+mod atomic;
 mod clip;
 mod error;
 mod float;
@@ -93,11 +94,13 @@ mod rule;
 pub mod schedule;
 mod sgd;
 mod state;
+mod varmap;
 
 pub use accumulate::{GradAccumulator, Reduction};
 pub use adagrad::{Adagrad, AdagradConfig};
 pub use adam::{Adam, AdamConfig};
 pub use adamw::{AdamW, AdamWConfig};
+pub use atomic::{sync_dir, write_atomic};
 pub use clip::{clip_grad_norm, clip_grad_norm_with, clip_grad_value, Norm};
 pub use error::{OptimError, Result};
 pub use float::Float;
@@ -111,3 +114,4 @@ pub use schedule::{
     LrScheduler, MultiStepLR, OneCycleLR, OneCycleOptions, ReduceLROnPlateau, SequentialLR, StepLR,
 };
 pub use sgd::{Sgd, SgdConfig};
+pub use varmap::varmap_vars;

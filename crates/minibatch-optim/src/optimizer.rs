@@ -68,7 +68,7 @@ pub trait Optimizer: Send {
     /// Writes [`Optimizer::state_bytes`] to `path` atomically (temporary file
     /// in the same directory, fsync, rename).
     fn save_state(&self, path: &Path) -> Result<()> {
-        crate::state::write_atomic(path, &self.state_bytes()?)
+        crate::write_atomic(path, &self.state_bytes()?)
     }
 
     /// Reads a file written by [`Optimizer::save_state`].

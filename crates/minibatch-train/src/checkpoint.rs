@@ -33,7 +33,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{Result, TrainError};
-use crate::history::{sync_dir, write_atomic, History};
+use crate::history::History;
+use minibatch_optim::{sync_dir, write_atomic};
 
 /// Version of the `trainer.json` format.
 pub const FORMAT_VERSION: u32 = 1;
@@ -201,7 +202,10 @@ pub fn write_checkpoint(
 
 /// Points `root/<pointer>` (for example `latest`) at checkpoint `name`, atomically.
 pub fn set_pointer(root: &Path, pointer: &str, name: &str) -> Result<()> {
-    write_atomic(&root.join(pointer), format!("{name}\n").as_bytes())
+    Ok(write_atomic(
+        &root.join(pointer),
+        format!("{name}\n").as_bytes(),
+    )?)
 }
 
 /// Reads the checkpoint name a pointer file names, if the pointer exists.
