@@ -7,6 +7,7 @@
 //! | module | crate | what it holds |
 //! |---|---|---|
 //! | [`data`] | `minibatch-data` | `Dataset`, `TensorDataset`, samplers, the seeded `DataLoader`, MNIST and IDX |
+//! | [`nn`] | `minibatch-nn` | drop-in candle-nn layers and ops with real, fast backward passes |
 //! | [`optim`] | `minibatch-optim` | `Optimizer`, `UpdateRule`, `Sgd`, `Adam`, `AdamW`, `RmsProp`, `Adagrad`, schedules, clipping, saved state |
 //! | [`train`] | `minibatch-train` | `Trainer` (fit/evaluate), metrics, callbacks, history, plots, checkpoints |
 //!
@@ -48,6 +49,7 @@
 #![warn(missing_docs)]
 
 pub use minibatch_data as data;
+pub use minibatch_nn as nn;
 pub use minibatch_optim as optim;
 pub use minibatch_train as train;
 

@@ -1,0 +1,163 @@
+//! Strided matrix products on host slices through the `gemm` crate (the
+//! kernels candle's own CPU matmul runs), with bounds checked before the
+//! unsafe call, so the fused CPU kernels of this crate can multiply straight
+//! into preallocated buffers, accumulate (`C += A·B`) and read transposed
+//! operands without copying them.
+
+use gemm::Parallelism;
+
+/// A read-only strided matrix view: element `(i, j)` is `data[i * rs + j * cs]`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Mat<'a, T> {
+    pub data: &'a [T],
+    pub rows: usize,
+    pub cols: usize,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a, T> Mat<'a, T> {
+    /// A contiguous row-major `(rows, cols)` matrix.
+    pub fn row_major(data: &'a [T], rows: usize, cols: usize) -> Self {
+        Self {
+            data,
+            rows,
+            cols,
+            rs: cols,
+            cs: 1,
+        }
+    }
+    /// The transpose, as a view of the same memory.
+    pub fn t(self) -> Self {
+        Self {
+            data: self.data,
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+    fn fits(&self) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// Element types the kernels multiply.
+pub(crate) trait GemmFloat: Copy + Send + Sync + 'static {
+    const ZERO: Self;
+    const ONE: Self;
+}
+impl GemmFloat for f32 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+}
+impl GemmFloat for f64 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+}
+
+/// How many threads a product of this many multiply-adds should use: one for
+/// small products (a thread hand-off costs more than it saves), candle's
+/// thread count otherwise.
+pub(crate) fn parallelism(m: usize, n: usize, k: usize) -> Parallelism {
+    let threads = candle_core::utils::get_num_threads();
+    if threads > 1 && m * n * k >= 48 * 48 * 48 {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    }
+}
+
+/// `dst = a · b` (or `dst += a · b` with `accumulate`), `dst` row-major
+/// `(a.rows, b.cols)` with row stride `dst_rs`.
+///
+/// Panics if the shapes disagree or a view reaches past its slice: those are
+/// bugs in this crate's kernels, never user input (callers check shapes and
+/// return errors first).
+pub(crate) fn matmul<T: GemmFloat>(
+    dst: &mut [T],
+    dst_rs: usize,
+    a: Mat<T>,
+    b: Mat<T>,
+    accumulate: bool,
+) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(k, b.rows, "gemm: inner dimensions differ");
+    assert!(a.fits() && b.fits(), "gemm: operand view out of bounds");
+    assert!(
+        m == 0 || n == 0 || (m - 1) * dst_rs + n <= dst.len(),
+        "gemm: destination too small"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for r in 0..m {
+                dst[r * dst_rs..r * dst_rs + n].fill(T::ZERO);
+            }
+        }
+        return;
+    }
+    // SAFETY: every index the kernel touches was bounds-checked above
+    // (strides are non-negative, so the largest offsets are the last row/col).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            T::ONE,
+            T::ONE,
+            false,
+            false,
+            false,
+            parallelism(m, n, k),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_transposed_and_accumulated_products() {
+        // a: 2x3, b: 3x2
+        let a = [1f64, 2., 3., 4., 5., 6.];
+        let b = [1f64, 0., 0., 1., 1., 1.];
+        let mut c = [0f64; 4];
+        matmul(
+            &mut c,
+            2,
+            Mat::row_major(&a, 2, 3),
+            Mat::row_major(&b, 3, 2),
+            false,
+        );
+        assert_eq!(c, [4., 5., 10., 11.]);
+        matmul(
+            &mut c,
+            2,
+            Mat::row_major(&a, 2, 3),
+            Mat::row_major(&b, 3, 2),
+            true,
+        );
+        assert_eq!(c, [8., 10., 20., 22.]);
+        // aᵀ·a: 3x3
+        let mut d = [0f64; 9];
+        let av = Mat::row_major(&a, 2, 3);
+        matmul(&mut d, 3, av.t(), av, false);
+        assert_eq!(d, [17., 22., 27., 22., 29., 36., 27., 36., 45.]);
+    }
+}

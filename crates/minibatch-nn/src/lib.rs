@@ -1,0 +1,17 @@
+//! # minibatch-nn
+//!
+//! Drop-in replacements for candle-nn's layers and ops whose backward passes
+//! are real and fast. In candle-nn 0.11 the fused `LayerNorm`, `RmsNorm`,
+//! `softmax_last_dim` and `rope` ops have no backward (gradients upstream of
+//! them are silently dropped) and `max_pool2d`'s backward is scaled wrongly;
+//! every op here has a tested backward, and on the CPU runs as a fused kernel.
+//! Same names, signatures and `VarBuilder` parameter names as candle-nn, so
+//! switching a model is one `use` line.
+#![warn(missing_docs)]
+
+mod dispatch;
+mod error;
+mod gemm;
+
+pub use dispatch::{set_tensor_path, tensor_path};
+pub use error::{NnError, Result};
