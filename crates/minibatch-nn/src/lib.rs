@@ -14,6 +14,7 @@ mod dispatch;
 mod error;
 #[allow(dead_code)] // until the first kernel uses it
 mod gemm;
+pub mod ops;
 
 pub use dispatch::{set_tensor_path, tensor_path};
 pub use error::{NnError, Result};
