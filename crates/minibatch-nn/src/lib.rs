@@ -9,11 +9,12 @@
 //! switching a model is one `use` line.
 #![warn(missing_docs)]
 
-#[allow(dead_code)] // until the first op uses it
+mod cpu;
 mod dispatch;
 mod error;
 #[allow(dead_code)] // until the first kernel uses it
 mod gemm;
+pub mod loss;
 pub mod ops;
 
 pub use dispatch::{set_tensor_path, tensor_path};

@@ -1,0 +1,304 @@
+//! Losses with `candle_nn::loss`'s signatures: [`cross_entropy`] (fused
+//! log-softmax + negative log-likelihood), [`nll`] and [`mse`].
+//!
+//! All three reduce by the mean, as candle-nn's and PyTorch's defaults do.
+//! Unlike candle-nn, class ids outside `0..classes` and an empty batch are
+//! errors (candle-nn returns an index error on the CPU only, and `NaN` for an
+//! empty batch).
+
+use std::sync::{Arc, OnceLock};
+
+use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
+
+use crate::cpu::{contiguous, with_cpu, ClassIds, Real};
+use crate::dispatch::cpu_kernel;
+use crate::NnError;
+
+/// The cross-entropy loss of raw logits against class ids, averaged over the
+/// batch: a drop-in for `candle_nn::loss::cross_entropy`
+/// (and PyTorch's `F.cross_entropy` with the default mean reduction).
+///
+/// * `inp`: logits of shape `(batch, classes)`, `f32` or `f64` (any float
+///   dtype on the tensor path);
+/// * `target`: class ids of shape `(batch,)`, `u32`, `i64` or `u8`, each in
+///   `0..classes`.
+///
+/// With `x` the logits of row `i`, `t` its class and `B` the batch size,
+///
+/// ```text
+/// loss = -1/B Σᵢ log_softmax(xᵢ)[tᵢ],   log_softmax(x)ⱼ = xⱼ - m - log Σₖ exp(xₖ - m),  m = maxₖ xₖ
+/// ∂loss/∂xᵢⱼ = (softmax(xᵢ)ⱼ - [j = tᵢ]) / B
+/// ```
+///
+/// On the CPU (`f32`/`f64`) this is one fused op: a single pass over the
+/// logits computes each row's maximum, log-sum-exp and picked log-probability
+/// (no `(batch, classes)` intermediate tensors), keeps the two per-row
+/// statistics for the backward pass, which writes `(softmax - onehot) · g / B`
+/// in one more pass. The forward result is bit-identical to candle-nn's (the
+/// same operations in the same order). On other devices, or after
+/// [`set_tensor_path(true)`](crate::set_tensor_path), the same maths runs as
+/// candle tensor ops.
+///
+/// Errors: `inp` not of rank 2, `target` not of rank 1 or of another batch
+/// size, an empty batch or zero classes, non-integer ids, an id out of range.
+///
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// # fn main() -> candle_core::Result<()> {
+/// let logits = Var::new(&[[2.0f32, 0.0, 0.0], [0.0, 0.0, 0.0]], &Device::Cpu)?;
+/// let target = Tensor::new(&[0u32, 2], &Device::Cpu)?;
+/// let loss = minibatch_nn::loss::cross_entropy(logits.as_tensor(), &target)?;
+/// let want = candle_nn::loss::cross_entropy(logits.as_tensor(), &target)?;
+/// assert_eq!(loss.to_scalar::<f32>()?, want.to_scalar::<f32>()?);
+/// // d loss / d logits = (softmax - onehot) / batch
+/// let g = loss.backward()?.get(logits.as_tensor()).unwrap().to_vec2::<f32>()?;
+/// assert!((g[1][2] - (1.0 / 3.0 - 1.0) / 2.0).abs() < 1e-6);
+/// // Out-of-range ids are an error, not a panic.
+/// assert!(minibatch_nn::loss::cross_entropy(logits.as_tensor(), &Tensor::new(&[0u32, 3], &Device::Cpu)?).is_err());
+/// # Ok(()) }
+/// ```
+pub fn cross_entropy(inp: &Tensor, target: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, _c) = class_shapes("cross_entropy", inp, target)?;
+    if cpu_kernel(inp) && target.device().is_cpu() && matches!(inp.dtype(), DType::F32 | DType::F64)
+    {
+        let op: Arc<Box<dyn CustomOp2 + Send + Sync>> =
+            Arc::new(Box::new(CrossEntropyOp::default()));
+        inp.contiguous()?.apply_op2_arc(&target.contiguous()?, op)
+    } else {
+        check_class_ids("cross_entropy", target, inp.dim(1)?)?;
+        nll_unchecked(&log_softmax_rows(inp)?, target, b)
+    }
+}
+
+/// The negative log-likelihood loss, averaged over the batch: a drop-in for
+/// `candle_nn::loss::nll` (PyTorch's `F.nll_loss`).
+///
+/// `inp` holds log-probabilities of shape `(batch, classes)`, `target` class
+/// ids of shape `(batch,)` (`u32`, `i64` or `u8`, each in `0..classes`);
+/// `loss = -1/B Σᵢ inpᵢ,ₜᵢ`, computed as candle-nn does (gather, sum, scale),
+/// so its value and gradient (`-1/B` at each picked entry) are candle's.
+///
+/// Errors: as [`cross_entropy`].
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// # fn main() -> candle_core::Result<()> {
+/// let logp = Tensor::new(&[[-0.5f32, -1.0], [-2.0, -0.25]], &Device::Cpu)?;
+/// let loss = minibatch_nn::loss::nll(&logp, &Tensor::new(&[1u32, 0], &Device::Cpu)?)?;
+/// assert_eq!(loss.to_scalar::<f32>()?, 1.5);
+/// # Ok(()) }
+/// ```
+pub fn nll(inp: &Tensor, target: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, c) = class_shapes("nll", inp, target)?;
+    check_class_ids("nll", target, c)?;
+    nll_unchecked(inp, target, b)
+}
+
+/// The mean squared error `1/N Σ (inp - target)²` over all `N` elements: a
+/// drop-in for `candle_nn::loss::mse` (PyTorch's `F.mse_loss`), computed with
+/// the same candle ops (so the same value and gradient `2 (inp - target) / N`).
+///
+/// Errors: shapes that differ (no broadcasting, as in candle-nn), or empty
+/// tensors.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// # fn main() -> candle_core::Result<()> {
+/// let a = Tensor::new(&[1.0f32, 2.0, 3.0], &Device::Cpu)?;
+/// let b = Tensor::new(&[1.0f32, 0.0, 0.0], &Device::Cpu)?;
+/// assert_eq!(minibatch_nn::loss::mse(&a, &b)?.to_scalar::<f32>()?, 13.0 / 3.0);
+/// # Ok(()) }
+/// ```
+pub fn mse(inp: &Tensor, target: &Tensor) -> candle_core::Result<Tensor> {
+    if inp.dims() != target.dims() {
+        return Err(NnError::ShapeMismatch(format!(
+            "mse: input {:?} and target {:?} differ",
+            inp.dims(),
+            target.dims()
+        ))
+        .into());
+    }
+    if inp.elem_count() == 0 {
+        return Err(NnError::InvalidArgument("mse: empty input".into()).into());
+    }
+    (inp - target)?.sqr()?.mean_all()
+}
+
+/// `(batch, classes)` of a `(batch, classes)` input and `(batch,)` target.
+fn class_shapes(what: &str, inp: &Tensor, target: &Tensor) -> candle_core::Result<(usize, usize)> {
+    let (b, c) = match *inp.dims() {
+        [b, c] => (b, c),
+        ref d => {
+            return Err(NnError::ShapeMismatch(format!(
+                "{what}: the input must have shape (batch, classes), got {d:?}"
+            ))
+            .into())
+        }
+    };
+    match *target.dims() {
+        [bt] if bt == b => {}
+        ref d => {
+            return Err(NnError::ShapeMismatch(format!(
+                "{what}: the target must have shape ({b},) to match the input {:?}, got {d:?}",
+                inp.dims()
+            ))
+            .into())
+        }
+    }
+    if b == 0 || c == 0 {
+        return Err(
+            NnError::InvalidArgument(format!("{what}: empty input of shape ({b}, {c})")).into(),
+        );
+    }
+    if !matches!(target.dtype(), DType::U8 | DType::U32 | DType::I64) {
+        return Err(NnError::InvalidArgument(format!(
+            "{what}: class ids must be u8, u32 or i64, got {:?}",
+            target.dtype()
+        ))
+        .into());
+    }
+    Ok((b, c))
+}
+
+/// Every id of `target` in `0..n`: scanned in place on the CPU; on other
+/// devices its minimum and maximum are read back (two scalars).
+fn check_class_ids(what: &str, target: &Tensor, n: usize) -> candle_core::Result<()> {
+    if target.device().is_cpu() {
+        let t = target.contiguous()?;
+        return with_cpu(&t, |s, l| ClassIds::new(s, l, what)?.check(n, what));
+    }
+    let t = target.to_dtype(DType::I64)?;
+    let lo = t.min_all()?.to_scalar::<i64>()?;
+    let hi = t.max_all()?.to_scalar::<i64>()?;
+    if lo < 0 || hi as u64 >= n as u64 {
+        let bad = if lo < 0 { lo } else { hi };
+        return Err(NnError::InvalidArgument(format!(
+            "{what}: class id {bad} is out of range 0..{n}"
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// `log_softmax(x, 1)` in candle ops, with the row maximum detached (the
+/// result does not depend on it), forward identical to
+/// `candle_nn::ops::log_softmax`.
+fn log_softmax_rows(x: &Tensor) -> candle_core::Result<Tensor> {
+    let max = x.max_keepdim(1)?.detach();
+    let diff = x.broadcast_sub(&max)?;
+    let log_sum = diff.exp()?.sum_keepdim(1)?.log()?;
+    diff.broadcast_sub(&log_sum)
+}
+
+/// candle-nn's `nll` without its checks.
+fn nll_unchecked(inp: &Tensor, target: &Tensor, b: usize) -> candle_core::Result<Tensor> {
+    inp.gather(&target.unsqueeze(1)?, 1)?
+        .sum_all()?
+        .affine(-1f64 / b as f64, 0.)
+}
+
+/// The fused CPU cross-entropy. Each call gets its own op, which keeps its
+/// forward's per-row `(max, log Σ exp(x - max))` for its backward.
+#[derive(Default)]
+struct CrossEntropyOp {
+    saved: OnceLock<CpuStorage>,
+}
+
+/// Forward: the loss, and `[max, log_sum]` per row.
+fn ce_forward<T: Real>(x: &[T], ids: &ClassIds, c: usize) -> candle_core::Result<(T, Vec<T>)> {
+    let b = ids.len();
+    ids.check(c, "cross_entropy")?;
+    let mut stats = Vec::with_capacity(2 * b);
+    let mut picked = Vec::with_capacity(b);
+    let mut exps = vec![T::zero(); c];
+    for (r, row) in x.chunks_exact(c).enumerate() {
+        let max = row[1..].iter().fold(row[0], |m, &v| m.max(v));
+        for (e, &v) in exps.iter_mut().zip(row) {
+            *e = (v - max).exp();
+        }
+        let log_sum = T::sum(&exps).ln();
+        picked.push((row[ids.get(r) as usize] - max) - log_sum);
+        stats.push(max);
+        stats.push(log_sum);
+    }
+    // candle-nn: gather, sum_all, affine(-1/B, 0).
+    let loss = T::sum(&picked) * T::from_f64(-1f64 / b as f64) + T::zero();
+    Ok((loss, stats))
+}
+
+/// Backward: `(softmax - onehot) · g / B`.
+fn ce_backward<T: Real>(x: &[T], ids: &ClassIds, stats: &[T], c: usize, g: T) -> Vec<T> {
+    let b = ids.len();
+    let scale = g / T::from_f64(b as f64);
+    let mut out = Vec::with_capacity(b * c);
+    for (r, row) in x.chunks_exact(c).enumerate() {
+        let (max, log_sum) = (stats[2 * r], stats[2 * r + 1]);
+        out.extend(row.iter().map(|&v| ((v - max) - log_sum).exp() * scale));
+        let t = r * c + ids.get(r) as usize;
+        out[t] -= scale;
+    }
+    out
+}
+
+impl CustomOp2 for CrossEntropyOp {
+    fn name(&self) -> &'static str {
+        "minibatch-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        t: &CpuStorage,
+        lt: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (_, c) = lx.shape().dims2()?;
+        let ids = ClassIds::new(t, lt, "cross_entropy")?;
+        let (loss, stats) = match x {
+            CpuStorage::F32(_) => {
+                let (l, s) = ce_forward::<f32>(contiguous(x, lx, "cross_entropy")?, &ids, c)?;
+                (CpuStorage::F32(vec![l]), CpuStorage::F32(s))
+            }
+            CpuStorage::F64(_) => {
+                let (l, s) = ce_forward::<f64>(contiguous(x, lx, "cross_entropy")?, &ids, c)?;
+                (CpuStorage::F64(vec![l]), CpuStorage::F64(s))
+            }
+            _ => candle_core::bail!("cross_entropy: the fused kernel takes f32 or f64 logits"),
+        };
+        // One op per call: the forward runs once.
+        let _ = self.saved.set(stats);
+        Ok((loss, Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        target: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let Some(saved) = self.saved.get() else {
+            candle_core::bail!("cross_entropy: backward before forward");
+        };
+        let (b, c) = x.dims2()?;
+        let dx = with_cpu(x, |xs, lx| {
+            with_cpu(target, |ts, lt| {
+                let ids = ClassIds::new(ts, lt, "cross_entropy")?;
+                Ok(match (xs, saved) {
+                    (CpuStorage::F32(_), CpuStorage::F32(stats)) => {
+                        let x = contiguous::<f32>(xs, lx, "cross_entropy")?;
+                        let g = grad.to_scalar::<f32>()?;
+                        Tensor::from_vec(ce_backward(x, &ids, stats, c, g), (b, c), &Device::Cpu)?
+                    }
+                    (CpuStorage::F64(_), CpuStorage::F64(stats)) => {
+                        let x = contiguous::<f64>(xs, lx, "cross_entropy")?;
+                        let g = grad.to_scalar::<f64>()?;
+                        Tensor::from_vec(ce_backward(x, &ids, stats, c, g), (b, c), &Device::Cpu)?
+                    }
+                    _ => candle_core::bail!("cross_entropy: unexpected dtype in backward"),
+                })
+            })
+        })?;
+        Ok((Some(dx), None))
+    }
+}
