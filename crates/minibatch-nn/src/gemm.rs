@@ -83,6 +83,31 @@ pub(crate) fn matmul<T: GemmFloat>(
     b: Mat<T>,
     accumulate: bool,
 ) {
+    let par = parallelism(a.rows, b.cols, a.cols);
+    matmul_with(dst, dst_rs, a, b, accumulate, par)
+}
+
+/// [`matmul`] on one thread: for kernels that already split their work
+/// over threads (one product per image, say).
+pub(crate) fn matmul_seq<T: GemmFloat>(
+    dst: &mut [T],
+    dst_rs: usize,
+    a: Mat<T>,
+    b: Mat<T>,
+    accumulate: bool,
+) {
+    matmul_with(dst, dst_rs, a, b, accumulate, Parallelism::None)
+}
+
+/// [`matmul`] with the thread split given by the caller.
+pub(crate) fn matmul_with<T: GemmFloat>(
+    dst: &mut [T],
+    dst_rs: usize,
+    a: Mat<T>,
+    b: Mat<T>,
+    accumulate: bool,
+    par: Parallelism,
+) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(k, b.rows, "gemm: inner dimensions differ");
     assert!(a.fits() && b.fits(), "gemm: operand view out of bounds");
@@ -123,7 +148,7 @@ pub(crate) fn matmul<T: GemmFloat>(
             false,
             false,
             false,
-            parallelism(m, n, k),
+            par,
         )
     }
 }

@@ -9,13 +9,16 @@
 //! switching a model is one `use` line.
 #![warn(missing_docs)]
 
+mod conv;
 mod cpu;
 mod dispatch;
 mod error;
 #[allow(dead_code)] // until the first kernel uses it
 mod gemm;
+mod im2col;
 pub mod loss;
 pub mod ops;
 
+pub use conv::{conv2d, conv2d_no_bias, Conv2d};
 pub use dispatch::{set_tensor_path, tensor_path};
 pub use error::{NnError, Result};
