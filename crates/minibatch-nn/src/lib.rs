@@ -16,9 +16,14 @@ mod error;
 #[allow(dead_code)] // until the first kernel uses it
 mod gemm;
 mod im2col;
+mod layer_norm;
 pub mod loss;
 pub mod ops;
+mod rms_norm;
+pub mod rotary_emb;
 
 pub use conv::{conv2d, conv2d_no_bias, Conv2d};
 pub use dispatch::{set_tensor_path, tensor_path};
 pub use error::{NnError, Result};
+pub use layer_norm::{layer_norm, layer_norm_no_bias, LayerNorm, LayerNormConfig};
+pub use rms_norm::{rms_norm, RmsNorm};

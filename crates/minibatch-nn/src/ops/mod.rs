@@ -5,3 +5,12 @@
 mod pool;
 
 pub use pool::{avg_pool2d, avg_pool2d_with_stride, max_pool2d, max_pool2d_with_stride};
+
+mod norm;
+pub(crate) mod rows;
+pub(crate) mod simd;
+mod softmax;
+
+pub(crate) use norm::normalize;
+pub use norm::{layer_norm, rms_norm};
+pub use softmax::{log_softmax, softmax, softmax_last_dim};
