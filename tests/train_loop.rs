@@ -6,9 +6,11 @@ use std::rc::Rc;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{linear, Linear, VarBuilder, VarMap};
-use minibatch_data::{available_devices, DataLoader, TensorDataset};
+use minibatch_data::{available_devices, DataLoader, Dataset, FnDataset, TensorDataset};
 use minibatch_optim::schedule::{PlateauMode, ThresholdMode};
-use minibatch_optim::{LrScheduler, Norm, OneCycleLR, ReduceLROnPlateau, Sgd, SgdConfig, StepLR};
+use minibatch_optim::{
+    varmap_vars, LrScheduler, Norm, OneCycleLR, ReduceLROnPlateau, Sgd, SgdConfig, StepLR,
+};
 use minibatch_train::checkpoint::{load_weights, read_checkpoint, varmap_bytes};
 use minibatch_train::{
     Clip, Control, EarlyStopping, Mode, ProgressMode, ScheduleEvery, TrainError, Trainer,
@@ -42,18 +44,12 @@ fn mlp(dev: &Device) -> (Mlp, VarMap) {
 fn seeded_init(dev: &Device, seed: u64) -> Vec<u8> {
     let (_, vm) = mlp(dev);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    {
-        let data = vm.data().lock().unwrap();
-        let mut names: Vec<&String> = data.keys().collect();
-        names.sort();
-        for name in names {
-            let var = &data[name];
-            let values: Vec<f32> = (0..var.elem_count())
-                .map(|_| rng.random_range(-0.3f32..0.3))
-                .collect();
-            var.set(&Tensor::from_vec(values, var.shape(), dev).unwrap())
-                .unwrap();
-        }
+    for (_, var) in varmap_vars(&vm).unwrap() {
+        let values: Vec<f32> = (0..var.elem_count())
+            .map(|_| rng.random_range(-0.3f32..0.3))
+            .collect();
+        var.set(&Tensor::from_vec(values, var.shape(), dev).unwrap())
+            .unwrap();
     }
     varmap_bytes(&vm).unwrap()
 }
@@ -82,13 +78,23 @@ fn dataset(n: usize, seed: u64, dev: &Device) -> TensorDataset {
     TensorDataset::new(vec![x, y]).unwrap()
 }
 
+/// With `workers > 0` the samples come through an `FnDataset` (not an
+/// in-memory dataset), so the loader really builds batches on its workers.
 fn loader(dev: &Device, batch: usize, workers: usize) -> DataLoader {
-    DataLoader::builder(dataset(200, 7, dev))
+    let ds = dataset(200, 7, dev);
+    let b = if workers == 0 {
+        DataLoader::builder(ds)
+    } else {
+        DataLoader::builder(FnDataset::new(ds.len(), move |i| ds.get(i)))
+    };
+    let l = b
         .batch_size(batch)
         .shuffle(42)
         .num_workers(workers)
         .build()
-        .unwrap()
+        .unwrap();
+    assert_eq!(l.uses_workers(), workers > 0);
+    l
 }
 
 struct Setup {
@@ -268,7 +274,7 @@ fn nan_loss_stops_with_step_and_keeps_last_good_checkpoint() {
         }
         assert!(err.to_string().contains("step 5"), "{err}");
         let ck = read_checkpoint(dir.path()).unwrap();
-        assert_eq!(ck.state.step, 4);
+        assert_eq!(ck.state.run.step, 4);
         assert_eq!(
             ck.model,
             snapshots.borrow()[3],

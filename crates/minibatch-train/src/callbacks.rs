@@ -1,9 +1,11 @@
 //! Callbacks at step and epoch boundaries: early stopping and user hooks.
 
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
-use crate::error::{Result, TrainError};
-use crate::history::EpochRecord;
+use crate::error::Result;
+use crate::history::{EpochRecord, StepRecord};
+use crate::metrics::parse_state;
 
 /// What a callback asks the trainer to do next.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,30 +39,20 @@ impl Mode {
     }
 }
 
-/// The figures of one finished optimizer step, given to [`Callback::on_step_end`].
-#[derive(Clone, Copy, Debug)]
-pub struct StepInfo {
-    /// Global step just taken (0-based).
-    pub step: u64,
-    /// Current epoch.
-    pub epoch: u64,
-    /// Index within the epoch of the last batch of this step.
-    pub batch: u64,
-    /// The step's loss (before the update).
-    pub loss: f64,
-    /// The learning rate used for the update.
-    pub lr: f64,
-}
-
 /// A hook called by the trainer at step and epoch boundaries.
 ///
 /// Callbacks with state (such as [`EarlyStopping`]) return it from
 /// [`Callback::state`] so that checkpoints restore it on resume.
 pub trait Callback {
-    /// A stable name, used as the key of the state in checkpoints.
+    /// A stable name. Checkpoints key a callback's state by its name and its
+    /// rank among the trainer's callbacks of that name (`early_stopping#0`,
+    /// `early_stopping#1`), so two callbacks of one kind keep their own state.
     fn name(&self) -> &str;
-    /// After each optimizer step.
-    fn on_step_end(&mut self, _info: &StepInfo) -> Result<Control> {
+    /// After each optimizer step, with its record (the same one the history
+    /// keeps). The trainer calls it when the step's loss has been read back
+    /// from the device: after every step on the CPU, at logging points
+    /// elsewhere (see `TrainerBuilder::log_every_steps`).
+    fn on_step_end(&mut self, _info: &StepRecord) -> Result<Control> {
         Ok(Control::Continue)
     }
     /// After each epoch (after evaluation), with the epoch's record.
@@ -132,12 +124,7 @@ impl Callback for EarlyStopping {
         "early_stopping"
     }
     fn on_epoch_end(&mut self, record: &EpochRecord) -> Result<Control> {
-        let value = record
-            .get(&self.monitor)
-            .ok_or_else(|| TrainError::UnknownMetric {
-                name: self.monitor.clone(),
-                available: record.names().join(", "),
-            })?;
+        let value = record.require(&self.monitor)?;
         if self.mode.improves(value, self.best, self.min_delta) {
             self.best = Some(value);
             self.wait = 0;
@@ -152,16 +139,27 @@ impl Callback for EarlyStopping {
         }
     }
     fn state(&self) -> Value {
-        json!({"best": self.best, "wait": self.wait})
+        serde_json::to_value(EarlyStoppingState {
+            best: self.best,
+            wait: self.wait,
+        })
+        .unwrap_or(Value::Null)
     }
     fn load_state(&mut self, state: &Value) -> Result<()> {
-        self.best = state.get("best").and_then(Value::as_f64);
-        self.wait = state.get("wait").and_then(Value::as_u64).unwrap_or(0);
+        let s: EarlyStoppingState = parse_state("early_stopping", state)?;
+        self.best = s.best;
+        self.wait = s.wait;
         Ok(())
     }
 }
 
-type StepHook = Box<dyn FnMut(&StepInfo) -> Result<Control>>;
+#[derive(Serialize, Deserialize)]
+struct EarlyStoppingState {
+    best: Option<f64>,
+    wait: u64,
+}
+
+type StepHook = Box<dyn FnMut(&StepRecord) -> Result<Control>>;
 type EpochHook = Box<dyn FnMut(&EpochRecord) -> Result<Control>>;
 
 /// A user hook made of closures (see `Trainer` builder's `on_step` / `on_epoch`).
@@ -173,7 +171,7 @@ pub struct FnCallback {
 
 impl FnCallback {
     /// A hook called after every optimizer step.
-    pub fn on_step(f: impl FnMut(&StepInfo) -> Result<Control> + 'static) -> Self {
+    pub fn on_step(f: impl FnMut(&StepRecord) -> Result<Control> + 'static) -> Self {
         Self {
             name: "step_hook".into(),
             step: Some(Box::new(f)),
@@ -194,7 +192,7 @@ impl Callback for FnCallback {
     fn name(&self) -> &str {
         &self.name
     }
-    fn on_step_end(&mut self, info: &StepInfo) -> Result<Control> {
+    fn on_step_end(&mut self, info: &StepRecord) -> Result<Control> {
         match &mut self.step {
             Some(f) => f(info),
             None => Ok(Control::Continue),
@@ -249,6 +247,11 @@ mod tests {
     fn nan_never_improves() {
         assert!(!Mode::Min.improves(f64::NAN, None, 0.0));
         assert!(Mode::Min.improves(1.0, Some(2.0), 0.5));
+        let mut es = EarlyStopping::new("val_loss", Mode::Min);
+        let err = es
+            .load_state(&serde_json::json!({"best": 1.0}))
+            .unwrap_err();
+        assert!(err.to_string().contains("wait"), "{err}");
         assert!(!Mode::Min.improves(1.6, Some(2.0), 0.5));
     }
 }

@@ -7,13 +7,17 @@
 //!   step-000000120/         one checkpoint (a directory)
 //!     model.safetensors     the VarMap's tensors, by name
 //!     optimizer.bin         Optimizer::state_bytes()
-//!     trainer.json          CheckpointState: position, counters, schedule,
-//!                           callbacks, metrics, history, file sizes + hashes
+//!     trainer.json          CheckpointState: the RunState (position, counters,
+//!                           history), schedule, metric and callback states,
+//!                           file sizes + hashes
 //!   step-000000240/
 //!   best-step-000000180/    the best checkpoint so far (when monitored)
 //!   latest                  text file naming the newest complete checkpoint
 //!   best                    text file naming the best one
 //! ```
+//!
+//! [`list_checkpoints`] lists the checkpoint directories newest first, which
+//! is how `Trainer::load_latest_valid_checkpoint` falls back past corrupt ones.
 //!
 //! A checkpoint is written into `.tmp-<name>/` (each file fsynced), renamed to
 //! `<name>/` and the parent directory fsynced; only then is the `latest`
@@ -33,11 +37,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{Result, TrainError};
-use crate::history::History;
-use minibatch_optim::{sync_dir, write_atomic};
+use crate::resume::RunState;
+use minibatch_optim::{sync_dir, varmap_vars, write_atomic};
 
-/// Version of the `trainer.json` format.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version of the `trainer.json` format (2: one `run` object, keyed metric
+/// and callback states).
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Size and hash of a file inside a checkpoint.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,21 +72,17 @@ pub fn fnv1a64(data: &[u8]) -> u64 {
     h
 }
 
-/// Everything in `trainer.json`: where training stands and all state that is
-/// not a tensor.
+/// Everything in `trainer.json`: the [`RunState`], the state of the parts
+/// that is not a tensor, and what a resume checks the trainer against.
+///
+/// Every field is required when read back (no silent defaults): a missing or
+/// mistyped one makes the checkpoint corrupt.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct CheckpointState {
     /// [`FORMAT_VERSION`] of the writer.
     pub format: u32,
-    /// Optimizer steps taken.
-    pub step: u64,
-    /// The epoch to continue in.
-    pub epoch: u64,
-    /// The index of the next batch of `epoch` to train on.
-    pub batch: u64,
-    /// `true` when all batches of `epoch` are done but its end-of-epoch work
-    /// (evaluation, epoch schedule, callbacks) is not.
-    pub epoch_batches_done: bool,
+    /// Where the run stands: position, counters, running epoch figures, history.
+    pub run: RunState,
     /// Batches per epoch of the train loader that wrote it (checked on resume).
     pub batches_per_epoch: u64,
     /// Samples per epoch of the train loader that wrote it (checked on resume).
@@ -90,16 +91,14 @@ pub struct CheckpointState {
     pub accumulate: u64,
     /// The optimizer's `name()`, checked on load.
     pub optimizer: String,
-    /// The schedule's `state()`, if any.
+    /// The schedule's `state()`, if the trainer has a schedule.
+    #[serde(deserialize_with = "Option::deserialize")]
     pub scheduler: Option<Value>,
-    /// Callback states by callback name.
+    /// Metric states by `name#k` (the k-th metric of that name), running
+    /// figures of the current epoch; metrics without state are left out.
+    pub metrics: BTreeMap<String, Value>,
+    /// Callback states by `name#k`; callbacks without state are left out.
     pub callbacks: BTreeMap<String, Value>,
-    /// Running figures of the current epoch (loss, metrics, timers).
-    pub epoch_progress: Value,
-    /// The run's history so far.
-    pub history: History,
-    /// Best value of the monitored quantity for best-checkpointing.
-    pub best: Option<f64>,
     /// Shapes of the model tensors by name.
     pub tensors: BTreeMap<String, Vec<usize>>,
     /// Digests of `model.safetensors` and `optimizer.bin`.
@@ -131,28 +130,19 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Serialises a `VarMap`'s tensors as safetensors bytes (sorted by name).
 pub fn varmap_bytes(varmap: &VarMap) -> Result<Vec<u8>> {
-    let data = varmap
-        .data()
-        .lock()
-        .map_err(|_| TrainError::Config("VarMap lock poisoned".into()))?;
-    let mut items: Vec<(String, Tensor)> = data
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+    let items: Vec<(String, Tensor)> = varmap_vars(varmap)?
+        .into_iter()
+        .map(|(k, v)| (k, v.as_tensor().clone()))
         .collect();
-    drop(data);
-    items.sort_by(|a, b| a.0.cmp(&b.0));
     safetensors::serialize(items.iter().map(|(k, t)| (k.as_str(), t)), None)
         .map_err(|e| TrainError::Config(format!("cannot serialise model tensors: {e}")))
 }
 
-fn varmap_shapes(varmap: &VarMap) -> BTreeMap<String, Vec<usize>> {
-    match varmap.data().lock() {
-        Ok(d) => d
-            .iter()
-            .map(|(k, v)| (k.clone(), v.dims().to_vec()))
-            .collect(),
-        Err(_) => BTreeMap::new(),
-    }
+fn varmap_shapes(varmap: &VarMap) -> Result<BTreeMap<String, Vec<usize>>> {
+    Ok(varmap_vars(varmap)?
+        .into_iter()
+        .map(|(k, v)| (k, v.dims().to_vec()))
+        .collect())
 }
 
 /// Writes one checkpoint named `name` under `root` atomically and returns
@@ -167,7 +157,7 @@ pub fn write_checkpoint(
     std::fs::create_dir_all(root).map_err(|e| TrainError::io(root, e))?;
     let model = varmap_bytes(varmap)?;
     state.format = FORMAT_VERSION;
-    state.tensors = varmap_shapes(varmap);
+    state.tensors = varmap_shapes(varmap)?;
     state.files.clear();
     state.files.insert(MODEL.into(), FileDigest::of(&model));
     state
@@ -248,6 +238,34 @@ pub fn prune(root: &Path, prefix: &str, keep: usize, protect: &[&str]) -> Result
     Ok(())
 }
 
+/// The checkpoint directories under `root`, newest first: `step-<N>`,
+/// `best-step-<N>` and `.old-step-<N>` (a checkpoint moved aside while the
+/// same step was being re-written), ordered by `N` descending, and for one
+/// `N` in that order. Other entries are ignored; a missing `root` is an error.
+pub fn list_checkpoints(root: &Path) -> Result<Vec<PathBuf>> {
+    let mut found: Vec<(u64, u8, String)> = std::fs::read_dir(root)
+        .map_err(|e| TrainError::io(root, e))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter_map(|name| {
+            let (rank, n) = if let Some(n) = name.strip_prefix("step-") {
+                (0, n)
+            } else if let Some(n) = name.strip_prefix("best-step-") {
+                (1, n)
+            } else if let Some(n) = name.strip_prefix(".old-step-") {
+                (2, n)
+            } else {
+                return None;
+            };
+            let step = n.parse::<u64>().ok()?;
+            Some((step, rank, name))
+        })
+        .collect();
+    found.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    Ok(found.into_iter().map(|(_, _, n)| root.join(n)).collect())
+}
+
 /// Finds the checkpoint directory `path` refers to: a checkpoint directory
 /// itself, or a root directory whose `latest` pointer names one.
 pub fn resolve(path: &Path) -> Result<PathBuf> {
@@ -313,27 +331,30 @@ pub fn read_checkpoint(path: &Path) -> Result<LoadedCheckpoint> {
 /// Copies the tensors of a safetensors buffer into a `VarMap`, bit for bit,
 /// after checking that names, shapes and dtypes match exactly.
 pub fn load_weights(varmap: &VarMap, bytes: &[u8], origin: &Path) -> Result<()> {
-    let data = varmap
-        .data()
-        .lock()
-        .map_err(|_| TrainError::Config("VarMap lock poisoned".into()))?;
-    let device = match data.values().next() {
-        Some(v) => v.device().clone(),
+    let vars = varmap_vars(varmap)?;
+    let device = match vars.first() {
+        Some((_, v)) => v.device().clone(),
         None => return Err(TrainError::ckpt(origin, "the model's VarMap is empty")),
     };
     let tensors: HashMap<String, Tensor> = candle_core::safetensors::load_buffer(bytes, &device)
         .map_err(|e| TrainError::ckpt(origin, format!("corrupt safetensors: {e}")))?;
-    let mut missing: Vec<&String> = data.keys().filter(|k| !tensors.contains_key(*k)).collect();
-    let mut extra: Vec<&String> = tensors.keys().filter(|k| !data.contains_key(*k)).collect();
+    let missing: Vec<&String> = vars
+        .iter()
+        .map(|(k, _)| k)
+        .filter(|k| !tensors.contains_key(*k))
+        .collect();
+    let mut extra: Vec<&String> = tensors
+        .keys()
+        .filter(|k| vars.binary_search_by(|(n, _)| n.cmp(k)).is_err())
+        .collect();
     if !missing.is_empty() || !extra.is_empty() {
-        missing.sort();
         extra.sort();
         return Err(TrainError::ckpt(
             origin,
             format!("model mismatch: missing tensors {missing:?}, unexpected tensors {extra:?}"),
         ));
     }
-    for (name, var) in data.iter() {
+    for (name, var) in &vars {
         let t = &tensors[name];
         if t.dims() != var.dims() || t.dtype() != var.dtype() {
             return Err(TrainError::ckpt(
@@ -348,7 +369,7 @@ pub fn load_weights(varmap: &VarMap, bytes: &[u8], origin: &Path) -> Result<()> 
             ));
         }
     }
-    for (name, var) in data.iter() {
+    for (name, var) in &vars {
         var.set(&tensors[name])?;
     }
     Ok(())
@@ -376,15 +397,13 @@ mod tests {
     fn write_read_round_trip_and_pointer() {
         let dir = tempfile::tempdir().unwrap();
         let vm = varmap(1.25);
-        let mut st = CheckpointState {
-            step: 7,
-            ..Default::default()
-        };
+        let mut st = CheckpointState::default();
+        st.run.step = 7;
         let p = write_checkpoint(dir.path(), "step-7", &vm, b"opt", &mut st).unwrap();
         set_pointer(dir.path(), "latest", "step-7").unwrap();
         let back = read_checkpoint(dir.path()).unwrap();
         assert_eq!(back.path, p);
-        assert_eq!(back.state.step, 7);
+        assert_eq!(back.state.run.step, 7);
         assert_eq!(back.optimizer, b"opt");
         let other = varmap(0.0);
         load_weights(&other, &back.model, &p).unwrap();
@@ -430,6 +449,54 @@ mod tests {
         std::fs::write(p.join(STATE), b"{not json").unwrap();
         let err = read_checkpoint(&p).unwrap_err().to_string();
         assert!(err.contains("corrupt trainer.json"), "{err}");
+    }
+
+    #[test]
+    fn a_trainer_json_without_a_field_is_a_corrupt_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let vm = varmap(1.0);
+        let mut st = CheckpointState::default();
+        let p = write_checkpoint(dir.path(), "c", &vm, b"opt", &mut st).unwrap();
+        let mut json: Value =
+            serde_json::from_slice(&std::fs::read(p.join(STATE)).unwrap()).unwrap();
+        json.as_object_mut().unwrap().remove("scheduler");
+        std::fs::write(p.join(STATE), serde_json::to_vec(&json).unwrap()).unwrap();
+        let err = read_checkpoint(&p).unwrap_err();
+        assert!(matches!(err, TrainError::Checkpoint { .. }), "{err}");
+        assert!(
+            err.to_string().contains("missing field `scheduler`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn checkpoints_are_listed_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        for n in [
+            "step-000000010",
+            "best-step-000000020",
+            "step-000000020",
+            ".old-step-000000030",
+            ".tmp-step-000000040",
+            "step-x",
+        ] {
+            std::fs::create_dir(dir.path().join(n)).unwrap();
+        }
+        std::fs::write(dir.path().join("latest"), "step-000000020\n").unwrap();
+        let names: Vec<String> = list_checkpoints(dir.path())
+            .unwrap()
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ".old-step-000000030",
+                "step-000000020",
+                "best-step-000000020",
+                "step-000000010"
+            ]
+        );
     }
 
     #[test]

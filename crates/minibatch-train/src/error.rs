@@ -9,9 +9,9 @@ pub enum TrainError {
     /// A tensor operation failed (forward, loss, backward, metric).
     #[error("tensor error: {0}")]
     Candle(#[from] candle_core::Error),
-    /// The data loader failed to produce a batch.
+    /// The data loader failed to produce a batch (boxed: the data error is large).
     #[error("data error: {0}")]
-    Data(#[from] minibatch_data::DataError),
+    Data(Box<minibatch_data::DataError>),
     /// The optimizer, schedule or clipping failed.
     #[error("optimizer error: {0}")]
     Optim(#[from] minibatch_optim::OptimError),
@@ -45,6 +45,19 @@ pub enum TrainError {
         /// The loss value observed.
         value: f64,
     },
+    /// Trained parameters received no gradient at the first optimizer step.
+    #[error(
+        "no gradient reached {params:?} at the first optimizer step, so they would never train. \
+         candle-nn 0.11's fused LayerNorm/RmsNorm (layer_norm, rms_norm, ops::layer_norm, \
+         ops::rms_norm), ops::softmax_last_dim and rotary_emb::rope/rope_i/rope_thd have no \
+         backward and drop gradients silently: build those layers from minibatch::nn (same \
+         names and signatures, real backward passes). If these parameters are unused on \
+         purpose, call allow_unused_parameters() on the trainer builder"
+    )]
+    MissingGradients {
+        /// The parameters without a gradient (their `VarMap` paths, sorted).
+        params: Vec<String>,
+    },
     /// A checkpoint is missing, corrupt, or does not match the model/trainer.
     #[error("invalid checkpoint {path}: {reason}")]
     Checkpoint {
@@ -71,6 +84,12 @@ pub enum TrainError {
 
 /// Shorthand result type of this crate.
 pub type Result<T> = std::result::Result<T, TrainError>;
+
+impl From<minibatch_data::DataError> for TrainError {
+    fn from(e: minibatch_data::DataError) -> Self {
+        TrainError::Data(Box::new(e))
+    }
+}
 
 impl TrainError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {

@@ -16,12 +16,16 @@ pub struct EpochRecord {
     /// Optimizer steps taken so far (global, after this epoch).
     pub steps: u64,
     /// Mean training loss over the epoch's samples.
+    #[serde(with = "float")]
     pub train_loss: f64,
     /// Training metrics by name (for example `accuracy`).
+    #[serde(with = "float::map")]
     pub train_metrics: BTreeMap<String, f64>,
     /// Mean validation loss, when a validation loader is set.
+    #[serde(with = "float::option")]
     pub val_loss: Option<f64>,
     /// Validation metrics by name.
+    #[serde(with = "float::map")]
     pub val_metrics: BTreeMap<String, f64>,
     /// The learning rate in force at the end of the epoch (before an epoch schedule steps).
     pub lr: f64,
@@ -53,6 +57,15 @@ impl EpochRecord {
         }
     }
 
+    /// [`EpochRecord::get`], or a [`TrainError::UnknownMetric`] naming what
+    /// the record holds.
+    pub fn require(&self, name: &str) -> Result<f64> {
+        self.get(name).ok_or_else(|| TrainError::UnknownMetric {
+            name: name.to_string(),
+            available: self.names().join(", "),
+        })
+    }
+
     /// The names [`EpochRecord::get`] answers for this record.
     pub fn names(&self) -> Vec<String> {
         let mut v = vec!["train_loss".to_string(), "lr".to_string()];
@@ -65,7 +78,90 @@ impl EpochRecord {
     }
 }
 
-/// One optimizer step.
+/// Serde for floats that may be NaN or infinite (a diverged validation loss,
+/// a metric without samples): JSON has no such numbers, and `serde_json`
+/// would write `null` and fail to read it back (or, inside an `Option`, turn
+/// it into `None`). Non-finite values are written as the strings `"NaN"`,
+/// `"inf"` and `"-inf"`.
+pub(crate) mod float {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Repr {
+        Num(f64),
+        Text(String),
+    }
+
+    fn text(v: f64) -> &'static str {
+        if v.is_nan() {
+            "NaN"
+        } else if v > 0.0 {
+            "inf"
+        } else {
+            "-inf"
+        }
+    }
+
+    fn from_repr<E: serde::de::Error>(r: Repr) -> Result<f64, E> {
+        match r {
+            Repr::Num(v) => Ok(v),
+            Repr::Text(t) => match t.as_str() {
+                "NaN" => Ok(f64::NAN),
+                "inf" => Ok(f64::INFINITY),
+                "-inf" => Ok(f64::NEG_INFINITY),
+                other => Err(E::custom(format!("expected a number, got {other:?}"))),
+            },
+        }
+    }
+
+    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if v.is_finite() {
+            s.serialize_f64(*v)
+        } else {
+            s.serialize_str(text(*v))
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        from_repr(Repr::deserialize(d)?)
+    }
+
+    #[derive(serde::Serialize, Deserialize)]
+    struct Wrap(#[serde(with = "super::float")] f64);
+
+    pub mod option {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(v: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+            serde::Serialize::serialize(&v.map(Wrap), s)
+        }
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+            Ok(Option::<Wrap>::deserialize(d)?.map(|w| w.0))
+        }
+    }
+
+    pub mod map {
+        use super::*;
+        use std::collections::BTreeMap;
+
+        pub fn serialize<S: Serializer>(
+            v: &BTreeMap<String, f64>,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            s.collect_map(v.iter().map(|(k, x)| (k, Wrap(*x))))
+        }
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<BTreeMap<String, f64>, D::Error> {
+            let m = BTreeMap::<String, Wrap>::deserialize(d)?;
+            Ok(m.into_iter().map(|(k, w)| (k, w.0)).collect())
+        }
+    }
+}
+
+/// One optimizer step: what the history keeps and what
+/// [`Callback::on_step_end`](crate::Callback::on_step_end) receives.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct StepRecord {
     /// Global optimizer step (0-based: the step this record's update was).
@@ -75,6 +171,7 @@ pub struct StepRecord {
     /// Index (within the epoch) of the last batch folded into this step.
     pub batch: u64,
     /// Loss of the step (mean over its micro-batches), before the update.
+    #[serde(with = "float")]
     pub loss: f64,
     /// Learning rate used for the update.
     pub lr: f64,
@@ -241,5 +338,27 @@ mod tests {
         assert_eq!(History::from_json(&back).unwrap(), h);
         assert_eq!(h.epochs[1].get("val_accuracy"), Some(0.6));
         assert_eq!(h.epochs[1].get("nope"), None);
+        assert!(h.epochs[1]
+            .require("nope")
+            .unwrap_err()
+            .to_string()
+            .contains("val_accuracy"));
+    }
+
+    #[test]
+    fn non_finite_values_survive_a_round_trip() {
+        let mut h = sample();
+        h.epochs[0].val_loss = Some(f64::NAN);
+        h.epochs[0]
+            .val_metrics
+            .insert("accuracy".into(), f64::INFINITY);
+        h.epochs[1].train_loss = f64::NEG_INFINITY;
+        let back = History::from_json(&h.to_json().unwrap()).unwrap();
+        assert!(back.epochs[0].val_loss.unwrap().is_nan());
+        assert_eq!(back.epochs[0].val_metrics["accuracy"], f64::INFINITY);
+        assert_eq!(back.epochs[1].train_loss, f64::NEG_INFINITY);
+        assert_eq!(back.epochs[1].val_loss, Some(0.9));
+        let bad = h.to_json().unwrap().replace("\"NaN\"", "\"nope\"");
+        assert!(History::from_json(&bad).is_err());
     }
 }

@@ -1,13 +1,32 @@
 //! Metrics: a running mean, top-1 accuracy, and the [`Metric`] trait for your own.
 
 use candle_core::{DType, Tensor};
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{Result, TrainError};
+
+/// Parses a metric or callback state saved by `state()`, as a typed error.
+pub(crate) fn parse_state<T: serde::de::DeserializeOwned>(what: &str, state: &Value) -> Result<T> {
+    T::deserialize(state).map_err(|e| TrainError::json(format!("the saved state of {what}"), e))
+}
+
+fn to_value(v: impl Serialize) -> Value {
+    serde_json::to_value(v).unwrap_or(Value::Null)
+}
 
 /// A metric accumulated over the batches of an epoch (train or evaluation).
 ///
-/// `update` sees the model output and the targets of each batch;
-/// `value` is the epoch's figure so far. `state`/`load_state` let a checkpoint
-/// taken mid-epoch restore the running figures (the defaults keep nothing).
+/// `update` sees the model output and the targets of each batch (what the
+/// training step returns for the metrics, see
+/// [`StepOutput`](crate::StepOutput)); `value` is the epoch's figure so far.
+/// `state`/`load_state` let a checkpoint taken mid-epoch restore the running
+/// figures (the defaults keep nothing).
+///
+/// Whether a larger value is better is not the metric's to say: monitors
+/// ([`EarlyStopping`](crate::EarlyStopping),
+/// [`save_best`](crate::TrainerBuilder::save_best)) take an explicit
+/// [`Mode`](crate::Mode).
 pub trait Metric: Send {
     /// The name used in history columns (`train_<name>`, `val_<name>`).
     fn name(&self) -> &str;
@@ -17,16 +36,15 @@ pub trait Metric: Send {
     fn update(&mut self, output: &Tensor, target: &Tensor) -> candle_core::Result<()>;
     /// The value over the batches seen since the last reset (NaN when none).
     fn value(&self) -> f64;
-    /// Whether larger values are better (used by the defaults of callbacks).
-    fn higher_is_better(&self) -> bool {
-        true
-    }
     /// The running state, saved in checkpoints.
     fn state(&self) -> Value {
         Value::Null
     }
-    /// Restores what [`Metric::state`] returned.
-    fn load_state(&mut self, _state: &Value) {}
+    /// Restores what [`Metric::state`] returned; a state of the wrong form is
+    /// an error (the trainer reports it as a corrupt checkpoint).
+    fn load_state(&mut self, _state: &Value) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// A numerically careful running mean (sum and count in f64).
@@ -38,7 +56,7 @@ pub trait Metric: Send {
 /// m.add(2.0, 3); // a batch of 3 with mean 2
 /// assert_eq!(m.mean(), 1.75);
 /// ```
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct RunningMean {
     sum: f64,
     count: u64,
@@ -66,15 +84,6 @@ impl RunningMean {
     pub fn reset(&mut self) {
         *self = Self::default();
     }
-    pub(crate) fn to_json(self) -> Value {
-        json!({"sum": self.sum, "count": self.count})
-    }
-    pub(crate) fn from_json(v: &Value) -> Self {
-        Self {
-            sum: v.get("sum").and_then(Value::as_f64).unwrap_or(0.0),
-            count: v.get("count").and_then(Value::as_u64).unwrap_or(0),
-        }
-    }
 }
 
 /// Top-1 accuracy for classification: `argmax(output, 1) == target`.
@@ -92,8 +101,18 @@ impl RunningMean {
 /// assert!((acc.value() - 2.0 / 3.0).abs() < 1e-12);
 /// # Ok::<(), candle_core::Error>(())
 /// ```
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Accuracy {
+    correct: u64,
+    total: u64,
+    /// Off the CPU: the count of correct predictions not read back yet (a
+    /// `u32` scalar on the device) and how many samples it covers.
+    pending: Option<Tensor>,
+    pending_total: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct AccuracyState {
     correct: u64,
     total: u64,
 }
@@ -134,6 +153,58 @@ impl Accuracy {
         self.total += b as u64;
         Ok(())
     }
+
+    /// The tensor path (other devices, outputs of rank other than 2): the
+    /// count stays on the device until [`Metric::value`] or
+    /// [`Metric::state`] reads it, so training does not wait for the device
+    /// at every batch.
+    fn update_device(&mut self, output: &Tensor, target: &Tensor) -> candle_core::Result<()> {
+        let pred = output
+            .argmax_keepdim(candle_core::D::Minus1)?
+            .flatten_all()?;
+        let target = target.flatten_all()?;
+        if pred.elem_count() != target.elem_count() {
+            return Err(candle_core::Error::Msg(format!(
+                "accuracy: {} predictions (outputs {:?}) but {} targets",
+                pred.elem_count(),
+                output.dims(),
+                target.elem_count()
+            )));
+        }
+        let target = if target.dtype() == DType::U32 {
+            target
+        } else {
+            target.to_dtype(DType::U32)?
+        };
+        let correct = pred.eq(&target)?.to_dtype(DType::U32)?.sum_all()?;
+        self.pending = Some(match self.pending.take() {
+            None => correct,
+            Some(p) => (p + correct)?,
+        });
+        self.pending_total += target.elem_count() as u64;
+        self.total += target.elem_count() as u64;
+        if self.pending_total >= 1 << 31 {
+            // keep the u32 sum far from overflowing
+            self.correct += self.read_pending()?;
+            self.pending = None;
+            self.pending_total = 0;
+        }
+        Ok(())
+    }
+
+    fn read_pending(&self) -> candle_core::Result<u64> {
+        match &self.pending {
+            None => Ok(0),
+            Some(p) => Ok(u64::from(p.to_scalar::<u32>()?)),
+        }
+    }
+
+    /// Correct predictions so far (reads the device count, if any).
+    fn correct_now(&self) -> u64 {
+        // A failed read of a device scalar leaves only the host count; it
+        // cannot happen for a tensor this metric made itself.
+        self.correct + self.read_pending().unwrap_or(0)
+    }
 }
 
 impl Metric for Accuracy {
@@ -141,52 +212,58 @@ impl Metric for Accuracy {
         "accuracy"
     }
     fn reset(&mut self) {
-        self.correct = 0;
-        self.total = 0;
+        *self = Self::default();
     }
     fn update(&mut self, output: &Tensor, target: &Tensor) -> candle_core::Result<()> {
         if output.device().is_cpu() && output.rank() == 2 {
             // CPU: one pass over the logits in place of five tensor ops
             return self.update_host(output, target);
         }
-        let pred = output
-            .argmax_keepdim(candle_core::D::Minus1)?
-            .flatten_all()?;
-        let target = target.flatten_all()?;
-        let target = if target.dtype() == DType::U32 {
-            target
-        } else {
-            target.to_dtype(DType::U32)?
-        };
-        let correct = pred
-            .eq(&target)?
-            .to_dtype(DType::U32)?
-            .sum_all()?
-            .to_scalar::<u32>()?;
-        self.correct += u64::from(correct);
-        self.total += target.elem_count() as u64;
-        Ok(())
+        self.update_device(output, target)
     }
     fn value(&self) -> f64 {
         if self.total == 0 {
             f64::NAN
         } else {
-            self.correct as f64 / self.total as f64
+            self.correct_now() as f64 / self.total as f64
         }
     }
     fn state(&self) -> Value {
-        json!({"correct": self.correct, "total": self.total})
+        to_value(AccuracyState {
+            correct: self.correct_now(),
+            total: self.total,
+        })
     }
-    fn load_state(&mut self, state: &Value) {
-        self.correct = state.get("correct").and_then(Value::as_u64).unwrap_or(0);
-        self.total = state.get("total").and_then(Value::as_u64).unwrap_or(0);
+    fn load_state(&mut self, state: &Value) -> Result<()> {
+        let s: AccuracyState = parse_state("accuracy", state)?;
+        *self = Self {
+            correct: s.correct,
+            total: s.total,
+            ..Self::default()
+        };
+        Ok(())
     }
 }
 
 /// Mean absolute error, a regression metric (lower is better).
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct MeanAbsoluteError {
     inner: RunningMean,
+    /// Off the CPU: `Σ batch mean × batch size` not read back yet (an `f64`
+    /// scalar on the device) and the samples it covers.
+    pending: Option<(Tensor, u64)>,
+}
+
+impl MeanAbsoluteError {
+    fn now(&self) -> RunningMean {
+        let mut m = self.inner;
+        if let Some((sum, n)) = &self.pending {
+            // added as one observation of mean sum/n and count n
+            let sum = sum.to_scalar::<f64>().unwrap_or(f64::NAN);
+            m.add(sum / *n as f64, *n);
+        }
+        m
+    }
 }
 
 impl Metric for MeanAbsoluteError {
@@ -194,30 +271,35 @@ impl Metric for MeanAbsoluteError {
         "mae"
     }
     fn reset(&mut self) {
-        self.inner.reset();
+        *self = Self::default();
     }
     fn update(&mut self, output: &Tensor, target: &Tensor) -> candle_core::Result<()> {
         let target = target.to_dtype(output.dtype())?.reshape(output.shape())?;
         let n = output.elem_count() as u64;
-        let mae = (output - target)?
-            .abs()?
-            .mean_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
-        self.inner.add(mae, n);
+        let mae = (output - target)?.abs()?.mean_all()?.to_dtype(DType::F64)?;
+        if output.device().is_cpu() {
+            self.inner.add(mae.to_scalar::<f64>()?, n);
+            return Ok(());
+        }
+        let weighted = mae.affine(n as f64, 0.0)?;
+        self.pending = Some(match self.pending.take() {
+            None => (weighted, n),
+            Some((s, m)) => ((s + weighted)?, m + n),
+        });
         Ok(())
     }
     fn value(&self) -> f64 {
-        self.inner.mean()
-    }
-    fn higher_is_better(&self) -> bool {
-        false
+        self.now().mean()
     }
     fn state(&self) -> Value {
-        self.inner.to_json()
+        to_value(self.now())
     }
-    fn load_state(&mut self, state: &Value) {
-        self.inner = RunningMean::from_json(state);
+    fn load_state(&mut self, state: &Value) -> Result<()> {
+        *self = Self {
+            inner: parse_state("mae", state)?,
+            pending: None,
+        };
+        Ok(())
     }
 }
 
@@ -238,7 +320,7 @@ mod tests {
             .unwrap();
         assert_eq!(acc.value(), 0.75);
         let mut other = Accuracy::default();
-        other.load_state(&acc.state());
+        other.load_state(&acc.state()).unwrap();
         assert_eq!(other.value(), 0.75);
         acc.reset();
         assert!(acc.value().is_nan());
@@ -251,7 +333,8 @@ mod tests {
         m.add(4.0, 1);
         m.add(1.0, 2);
         assert_eq!(m.mean(), 2.0);
-        assert_eq!(RunningMean::from_json(&m.to_json()), m);
+        let back: RunningMean = serde_json::from_value(serde_json::to_value(m).unwrap()).unwrap();
+        assert_eq!(back, m);
     }
 
     #[test]
@@ -262,6 +345,5 @@ mod tests {
         let t = Tensor::new(&[2f32, 0.0], &dev).unwrap();
         m.update(&o, &t).unwrap();
         assert_eq!(m.value(), 2.0);
-        assert!(!m.higher_is_better());
     }
 }

@@ -1,0 +1,384 @@
+//! Where a run stands ([`RunState`]), saving it in checkpoints and resuming
+//! from them, including from the newest checkpoint that is still intact.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::checkpoint::{self, CheckpointState, LoadedCheckpoint};
+use crate::error::{Result, TrainError};
+use crate::history::{float, History};
+use crate::metrics::RunningMean;
+use crate::model::Model;
+use crate::trainer::Trainer;
+
+/// Everything about where a run stands that is not held by one of its parts
+/// (weights, optimizer, schedule, metrics and callbacks save their own state):
+/// the trainer keeps it in this one struct, a checkpoint saves it whole
+/// (`trainer.json`, field `run`) and a resume puts it back whole. Every field
+/// is required when read back: a missing or mistyped one is a
+/// [`TrainError::Checkpoint`].
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunState {
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// The epoch to continue in.
+    pub epoch: u64,
+    /// The index of the next batch of `epoch` to train on.
+    pub batch: u64,
+    /// `true` when all batches of `epoch` are done but its end-of-epoch work
+    /// (evaluation, epoch schedule, callbacks) is not.
+    pub epoch_batches_done: bool,
+    /// Training micro-batches run so far: the step number that
+    /// `minibatch_nn::set_rng_step` receives before each forward pass, so a
+    /// resumed run draws the same dropout masks.
+    pub micro_batches: u64,
+    /// Running training loss of the current epoch (sample-weighted).
+    pub epoch_loss: RunningMean,
+    /// Seconds the current epoch waited for the loader.
+    pub epoch_wait_s: f64,
+    /// Seconds the current epoch spent computing.
+    pub epoch_compute_s: f64,
+    /// Best value of the monitored quantity for `save_best`.
+    #[serde(with = "float::option")]
+    pub best: Option<f64>,
+    /// The run's history so far.
+    pub history: History,
+}
+
+impl RunState {
+    /// Moves to the start of the next epoch.
+    pub(crate) fn next_epoch(&mut self) {
+        self.epoch += 1;
+        self.batch = 0;
+        self.epoch_batches_done = false;
+        self.epoch_loss.reset();
+        self.epoch_wait_s = 0.0;
+        self.epoch_compute_s = 0.0;
+    }
+}
+
+/// Where to resume from, as given to the builder.
+pub(crate) enum Resume {
+    From(PathBuf),
+    LatestValid(PathBuf),
+}
+
+/// A checkpoint that [`Trainer::load_latest_valid_checkpoint`] skipped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SkippedCheckpoint {
+    /// Its directory.
+    pub path: PathBuf,
+    /// Why it could not be used (the error reading it).
+    pub reason: String,
+}
+
+/// States keyed by `name#k`, the k-th part of that name (0-based), so that
+/// two parts of one kind (two `EarlyStopping`s) keep their own state. Parts
+/// without state (`null`) are left out.
+fn keyed<'a>(parts: impl Iterator<Item = (&'a str, Value)>) -> BTreeMap<String, Value> {
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    let mut out = BTreeMap::new();
+    for (name, state) in parts {
+        let k = seen.entry(name).or_default();
+        if !state.is_null() {
+            out.insert(format!("{name}#{k}"), state);
+        }
+        *k += 1;
+    }
+    out
+}
+
+/// The `name#k` keys of `names`, in order.
+fn keys<'a>(names: impl Iterator<Item = &'a str>) -> Vec<String> {
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    names
+        .map(|name| {
+            let k = seen.entry(name).or_default();
+            *k += 1;
+            format!("{name}#{}", *k - 1)
+        })
+        .collect()
+}
+
+impl<M: Model> Trainer<M> {
+    fn checkpoint_state(&self) -> CheckpointState {
+        CheckpointState {
+            format: checkpoint::FORMAT_VERSION,
+            run: self.run.clone(),
+            batches_per_epoch: self.train.len() as u64,
+            samples_per_epoch: self.train.num_samples() as u64,
+            accumulate: self.cfg.accumulate as u64,
+            optimizer: self.optimizer.name().to_string(),
+            scheduler: self.scheduler.as_ref().map(|(s, _)| s.state()),
+            metrics: keyed(self.metrics.iter().map(|m| (m.name(), m.state()))),
+            callbacks: keyed(self.callbacks.iter().map(|c| (c.name(), c.state()))),
+            tensors: BTreeMap::new(),
+            files: BTreeMap::new(),
+        }
+    }
+
+    /// Writes checkpoint `name` under `dir` (the losses must have been read).
+    fn write_named(&self, dir: &Path, name: &str) -> Result<PathBuf> {
+        let mut st = self.checkpoint_state();
+        let opt = self.optimizer.state_bytes()?;
+        checkpoint::write_checkpoint(dir, name, &self.varmap, &opt, &mut st)
+    }
+
+    /// Writes a checkpoint of the current state now (into the configured
+    /// checkpoint directory), moves the `latest` pointer and prunes old ones.
+    /// The pending losses are read first (a logging point): a non-finite one
+    /// is an error and nothing is written.
+    pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
+        if self.cfg.checkpoint.is_none() {
+            return Err(TrainError::Config(
+                "save_checkpoint needs checkpoint_dir".into(),
+            ));
+        }
+        self.log_point()?;
+        let c = self.cfg.checkpoint.as_ref().expect("checked above");
+        let path = self.write_step(&c.dir)?;
+        let best = checkpoint::read_pointer(&c.dir, "best")?;
+        let latest = format!("step-{:09}", self.run.step);
+        let mut protect = vec![latest.as_str()];
+        if let Some(b) = &best {
+            protect.push(b.as_str());
+        }
+        checkpoint::prune(&c.dir, "step-", c.keep_last, &protect)?;
+        self.last_checkpoint = Some(path.clone());
+        self.saved_at_step = Some(self.run.step);
+        Ok(path)
+    }
+
+    /// Writes a checkpoint `step-<N>` under `dir` and points `dir/latest` at
+    /// it (after reading the pending losses, as [`save_checkpoint`](Self::save_checkpoint)).
+    pub fn save_checkpoint_to(&mut self, dir: &Path) -> Result<PathBuf> {
+        self.log_point()?;
+        let p = self.write_step(dir)?;
+        self.last_checkpoint = Some(p.clone());
+        Ok(p)
+    }
+
+    fn write_step(&self, dir: &Path) -> Result<PathBuf> {
+        let name = format!("step-{:09}", self.run.step);
+        let p = self.write_named(dir, &name)?;
+        checkpoint::set_pointer(dir, "latest", &name)?;
+        Ok(p)
+    }
+
+    /// At the end of an epoch: keeps the checkpoint of the best epoch so far
+    /// (when `save_best` is set) as `best-step-<N>`.
+    pub(crate) fn save_best_checkpoint(&mut self) -> Result<()> {
+        let Some((c, (monitor, mode))) = self
+            .cfg
+            .checkpoint
+            .as_ref()
+            .and_then(|c| c.best.as_ref().map(|b| (c, b)))
+        else {
+            return Ok(());
+        };
+        let Some(rec) = self.run.history.epochs.last() else {
+            return Ok(());
+        };
+        let v = rec.require(monitor)?;
+        if !mode.improves(v, self.run.best, 0.0) {
+            return Ok(());
+        }
+        // the checkpoint holds the new best value
+        self.run.best = Some(v);
+        let dir = c.dir.as_path();
+        let name = format!("best-step-{:09}", self.run.step);
+        self.write_named(dir, &name)?;
+        checkpoint::set_pointer(dir, "best", &name)?;
+        checkpoint::prune(dir, "best-step-", 1, &[&name])?;
+        Ok(())
+    }
+
+    /// Restores everything from a checkpoint (a checkpoint directory or a
+    /// root with a `latest` pointer): weights (bit for bit), optimizer state,
+    /// schedule, metrics, callbacks and the [`RunState`] (position, counters,
+    /// history).
+    ///
+    /// Errors ([`TrainError::Checkpoint`] naming the path): a corrupt or
+    /// incomplete checkpoint, or one written by another setup (other tensor
+    /// names or shapes, optimizer, loader length, accumulation, schedule
+    /// presence, a stateful callback or metric this trainer lacks). A
+    /// callback or metric of this trainer without saved state starts fresh.
+    pub fn load_checkpoint(&mut self, path: &Path) -> Result<()> {
+        let ck = checkpoint::read_checkpoint(path)?;
+        self.restore(ck)
+    }
+
+    /// Restores from the newest checkpoint under the checkpoint root `root`
+    /// that reads back intact (`step-*` and `best-step-*` directories,
+    /// newest step first). Each corrupt one passed over is reported on stderr
+    /// (`warning: skipping checkpoint <path>: <reason>`) and listed by
+    /// [`skipped_checkpoints`](Self::skipped_checkpoints); when one was
+    /// skipped, the `latest` pointer is moved to the checkpoint restored.
+    ///
+    /// Errors: no checkpoint under `root`, none intact (the error lists each
+    /// with its reason), or the intact one does not fit this trainer (as
+    /// [`load_checkpoint`](Self::load_checkpoint)).
+    pub fn load_latest_valid_checkpoint(&mut self, root: &Path) -> Result<&[SkippedCheckpoint]> {
+        self.skipped.clear();
+        let candidates = checkpoint::list_checkpoints(root)?;
+        if candidates.is_empty() {
+            return Err(TrainError::ckpt(
+                root,
+                "no checkpoint (step-* or best-step-* directory) in it",
+            ));
+        }
+        for dir in candidates {
+            match checkpoint::read_checkpoint(&dir) {
+                Ok(ck) => {
+                    self.restore(ck)?;
+                    if !self.skipped.is_empty() {
+                        if let Some(name) = dir.file_name().and_then(|n| n.to_str()) {
+                            checkpoint::set_pointer(root, "latest", name)?;
+                        }
+                    }
+                    return Ok(&self.skipped);
+                }
+                Err(e) => {
+                    eprintln!("warning: skipping checkpoint {}: {e}", dir.display());
+                    self.skipped.push(SkippedCheckpoint {
+                        path: dir,
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        }
+        let list: Vec<String> = self
+            .skipped
+            .iter()
+            .map(|s| format!("{} ({})", s.path.display(), s.reason))
+            .collect();
+        Err(TrainError::ckpt(
+            root,
+            format!("no intact checkpoint: {}", list.join("; ")),
+        ))
+    }
+
+    fn restore(&mut self, ck: LoadedCheckpoint) -> Result<()> {
+        let LoadedCheckpoint {
+            path,
+            state: st,
+            model,
+            optimizer,
+        } = ck;
+        let bad = |reason: String| TrainError::ckpt(&path, reason);
+        if st.optimizer != self.optimizer.name() {
+            return Err(bad(format!(
+                "written by optimizer {:?}, this trainer uses {:?}",
+                st.optimizer,
+                self.optimizer.name()
+            )));
+        }
+        let (nb, ns) = (self.train.len() as u64, self.train.num_samples() as u64);
+        if st.batches_per_epoch != nb || st.samples_per_epoch != ns {
+            return Err(bad(format!(
+                "written with {} batches / {} samples per epoch, this loader has {nb} / {ns} (different dataset or batch size?)",
+                st.batches_per_epoch, st.samples_per_epoch
+            )));
+        }
+        if st.accumulate != self.cfg.accumulate as u64 {
+            return Err(bad(format!(
+                "written with accumulate = {}, this trainer uses {}",
+                st.accumulate, self.cfg.accumulate
+            )));
+        }
+        if st.run.batch > nb {
+            return Err(bad(format!(
+                "batch position {} beyond {nb} batches",
+                st.run.batch
+            )));
+        }
+        let metric_keys = keys(self.metrics.iter().map(|m| m.name()));
+        let callback_keys = keys(self.callbacks.iter().map(|c| c.name()));
+        for (what, saved, ours) in [
+            ("metric", &st.metrics, &metric_keys),
+            ("callback", &st.callbacks, &callback_keys),
+        ] {
+            if let Some(k) = saved.keys().find(|k| !ours.contains(k)) {
+                return Err(bad(format!(
+                    "holds the state of {what} {k}, which this trainer lacks (it has {ours:?})"
+                )));
+            }
+        }
+        match (&mut self.scheduler, &st.scheduler) {
+            (Some((s, _)), Some(v)) => s.load_state(v)?,
+            (None, None) => {}
+            (Some(_), None) => {
+                return Err(bad(
+                    "has no schedule state but this trainer has a schedule".into()
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(bad(
+                    "has a schedule state but this trainer has no schedule".into()
+                ))
+            }
+        }
+        checkpoint::load_weights(&self.varmap, &model, &path)?;
+        self.optimizer.load_state_bytes(&optimizer)?;
+        for (m, key) in self.metrics.iter_mut().zip(&metric_keys) {
+            match st.metrics.get(key) {
+                Some(v) => m.load_state(v).map_err(|e| bad(e.to_string()))?,
+                None => m.reset(),
+            }
+        }
+        for (c, key) in self.callbacks.iter_mut().zip(&callback_keys) {
+            if let Some(v) = st.callbacks.get(key) {
+                c.load_state(v).map_err(|e| bad(e.to_string()))?;
+            }
+        }
+        if let Some(acc) = &mut self.accumulator {
+            acc.reset();
+        }
+        self.log.clear();
+        self.run = st.run;
+        self.saved_at_step = Some(self.run.step);
+        self.last_checkpoint = Some(path);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_are_keyed_by_name_and_rank() {
+        let parts = [
+            ("early_stopping", Value::from(1)),
+            ("step_hook", Value::Null),
+            ("early_stopping", Value::from(2)),
+        ];
+        let m = keyed(parts.iter().map(|(n, v)| (*n, v.clone())));
+        assert_eq!(m.len(), 2);
+        assert_eq!(m["early_stopping#0"], Value::from(1));
+        assert_eq!(m["early_stopping#1"], Value::from(2));
+        assert_eq!(
+            keys(parts.iter().map(|(n, _)| *n)),
+            ["early_stopping#0", "step_hook#0", "early_stopping#1"]
+        );
+    }
+
+    #[test]
+    fn a_run_state_with_a_missing_or_mistyped_field_does_not_parse() {
+        let st = RunState::default();
+        let mut v = serde_json::to_value(&st).unwrap();
+        assert_eq!(serde_json::from_value::<RunState>(v.clone()).unwrap(), st);
+        v["epoch_wait_s"] = Value::from("soon");
+        assert!(serde_json::from_value::<RunState>(v.clone()).is_err());
+        v.as_object_mut().unwrap().remove("epoch_wait_s");
+        let err = serde_json::from_value::<RunState>(v.clone()).unwrap_err();
+        assert!(err.to_string().contains("epoch_wait_s"), "{err}");
+        let mut v = serde_json::to_value(&st).unwrap();
+        v.as_object_mut().unwrap().remove("best");
+        let err = serde_json::from_value::<RunState>(v).unwrap_err();
+        assert!(err.to_string().contains("best"), "{err}");
+    }
+}
