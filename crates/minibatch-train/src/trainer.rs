@@ -248,7 +248,7 @@ impl<M: Model> Trainer<M> {
                 }
                 self.run.epoch_batches_done = true;
             }
-            stop = self.end_epoch()?;
+            stop = self.end_epoch()? || self.max_steps_reached();
             epochs_run += 1;
         }
         self.log_point()?;

@@ -383,3 +383,22 @@ fn accuracy_tensor_path_matches_the_host_path() {
     let bad = Tensor::zeros((3, 4), DType::F32, &dev).unwrap();
     assert!(device.update(&bad.unsqueeze(0).unwrap(), &y2).is_err());
 }
+
+#[test]
+fn max_steps_reached_at_the_end_of_an_epoch_stops_there() {
+    let dev = Device::Cpu;
+    let (_, _, _, ds) = masked_data(&dev);
+    let loader = DataLoader::builder(ds).batch_size(16).build().unwrap();
+    let (model, vm) = linear_model(&dev);
+    let opt = Sgd::from_varmap(&vm, SgdConfig::default()).unwrap();
+    let mut t = Trainer::builder(model, vm, loader, opt)
+        .step(|m: &Linear, b: &Batch, train: bool| masked_mse(m, b, train))
+        .max_steps(8)
+        .epochs(5)
+        .progress(ProgressMode::Silent)
+        .build()
+        .unwrap();
+    let h = t.fit().unwrap();
+    assert_eq!((h.steps.len(), h.epochs.len()), (8, 2));
+    assert_eq!(t.position(), (2, 0));
+}
