@@ -55,10 +55,58 @@ pub use minibatch_train as train;
 
 /// The names most training scripts use, in one import: `use minibatch::prelude::*;`.
 ///
-/// It also brings candle's `Device`, `DType`, `Tensor`, `Var`, `Module` and
-/// `VarMap`/`VarBuilder`, so a script needs no second import for the basics.
+/// It also brings candle's `Device`, `DType`, `Tensor`, `Var`, `Module`,
+/// `ModuleT` and `VarMap`/`VarBuilder`, so a script needs no second import for
+/// the basics. It leaves out the trainer's `Model` trait: its
+/// `forward(x, train)` would make every `layer.forward(x)` call ambiguous
+/// (`Module` and `Model` both have a `forward`); in a step, call
+/// `model.forward_t(x, train)`.
+/// The README's training examples need nothing else (this one is compiled
+/// with the docs):
+///
+/// ```no_run
+/// use minibatch::prelude::*;
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let device = parse_device("cpu")?;
+/// let (train, test) = mnist::load("data/mnist", &device)?;
+/// let train_loader = DataLoader::builder(train).batch_size(64).shuffle(42).build()?;
+/// let test_loader = DataLoader::builder(test).batch_size(1000).build()?;
+/// let varmap = VarMap::new();
+/// let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
+/// let fc = candle_nn::linear(784, 10, vb.pp("fc"))?;
+/// let model = move |x: &Tensor| fc.forward(x);
+/// let mut opt = Sgd::from_varmap(&varmap, SgdConfig { lr: 0.05, momentum: 0.9, ..Default::default() })?;
+/// let sched = CosineAnnealingLR::new(&mut opt, 10, 0.0)?;
+/// let mut trainer = Trainer::builder(model, varmap, train_loader, opt)
+///     .val_loader(test_loader)
+///     .scheduler(sched, ScheduleEvery::Epoch)
+///     .clip(Clip::Norm { max_norm: 1.0, norm: Norm::L2 })
+///     .accumulate(4)
+///     .callback(EarlyStopping::new("val_loss", Mode::Min).patience(3).min_delta(1e-4))
+///     .on_epoch(|rec| { println!("{:?}", rec.val_metrics); Ok(Control::Continue) })
+///     .checkpoint_dir("runs/ckpt").checkpoint_every_steps(500).save_best("val_accuracy", Mode::Max)
+///     .out_dir("runs/mnist")
+///     .epochs(10)
+///     .build()?;
+/// trainer.fit()?;
+///
+/// // a step over (x, y, mask) batches
+/// # let (varmap, vb) = (VarMap::new(), ());
+/// # let fc = candle_nn::linear(3, 1, VarBuilder::from_varmap(&varmap, DType::F32, &device))?;
+/// # let loader = DataLoader::builder(TensorDataset::new(vec![Tensor::zeros((4, 3), DType::F32, &device)?])?).build()?;
+/// # let opt = Sgd::from_varmap(&varmap, SgdConfig::default())?;
+/// let builder = Trainer::builder(fc, varmap, loader, opt).step(|model, batch: &Batch, train| {
+///     let [x, y, mask] = batch.tensors() else { candle_core::bail!("want 3 tensors") };
+///     let err = (model.forward_t(x, train)? - y)?.sqr()?;
+///     let loss = (err * mask)?.sum_all()?.div(&mask.sum_all()?)?;
+///     Ok(StepOutput::new(loss))
+/// });
+/// # let _ = (builder, vb);
+/// # Ok(()) }
+/// ```
 pub mod prelude {
-    pub use candle_core::{DType, Device, Module, Tensor, Var};
+    pub use candle_core::{DType, Device, Module, ModuleT, Tensor, Var};
     pub use candle_nn::{VarBuilder, VarMap};
 
     pub use minibatch_data::{
@@ -74,7 +122,7 @@ pub mod prelude {
         UpdateRule,
     };
     pub use minibatch_train::{
-        cross_entropy, evaluate, mse, Accuracy, Callback, EarlyStopping, History, Metric, Model,
-        Trainer,
+        cross_entropy, evaluate, evaluate_step, loss_step, mse, params_without_grad, Accuracy,
+        Callback, Clip, Control, EarlyStopping, EpochRecord, History, Metric, Mode, ProgressMode, ScheduleEvery, StepOutput, StepRecord, Trainer, TrainerBuilder,
     };
 }
