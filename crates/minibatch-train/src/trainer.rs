@@ -237,6 +237,7 @@ impl<M: Model> Trainer<M> {
         while !stop && self.run.epoch < self.cfg.epochs {
             if !self.run.epoch_batches_done {
                 let finished = self.train_epoch_batches()?;
+                self.log_point()?; // the epoch's (or the stop's) losses, for the counts below
                 train_s += self.run.epoch_wait_s + self.run.epoch_compute_s;
                 samples += self.run.epoch_loss.count();
                 if !finished {
