@@ -281,12 +281,7 @@ impl Metric for MeanAbsoluteError {
             self.inner.add(mae.to_scalar::<f64>()?, n);
             return Ok(());
         }
-        let weighted = mae.affine(n as f64, 0.0)?;
-        self.pending = Some(match self.pending.take() {
-            None => (weighted, n),
-            Some((s, m)) => ((s + weighted)?, m + n),
-        });
-        Ok(())
+        self.add_on_device(&mae, n)
     }
     fn value(&self) -> f64 {
         self.now().mean()
@@ -299,6 +294,19 @@ impl Metric for MeanAbsoluteError {
             inner: parse_state("mae", state)?,
             pending: None,
         };
+        Ok(())
+    }
+}
+
+impl MeanAbsoluteError {
+    /// Off the CPU: adds a batch's mean (an `f64` device scalar) of `n`
+    /// samples without reading it back.
+    fn add_on_device(&mut self, mae: &Tensor, n: u64) -> candle_core::Result<()> {
+        let weighted = mae.affine(n as f64, 0.0)?;
+        self.pending = Some(match self.pending.take() {
+            None => (weighted, n),
+            Some((s, m)) => ((s + weighted)?, m + n),
+        });
         Ok(())
     }
 }
@@ -345,5 +353,17 @@ mod tests {
         let t = Tensor::new(&[2f32, 0.0], &dev).unwrap();
         m.update(&o, &t).unwrap();
         assert_eq!(m.value(), 2.0);
+        // the device path, forced on the CPU: batch means 2 (2 samples) and
+        // 0.5 (4 samples) kept on the device, read at value()/state()
+        let mut d = MeanAbsoluteError::default();
+        for (mae, n) in [(2.0f64, 2u64), (0.5, 4)] {
+            d.add_on_device(&Tensor::new(mae, &dev).unwrap(), n)
+                .unwrap();
+        }
+        assert_eq!(d.value(), 1.0);
+        let mut back = MeanAbsoluteError::default();
+        back.load_state(&d.state()).unwrap();
+        assert_eq!(back.value(), d.value());
+        assert!(back.load_state(&Value::from(3)).is_err());
     }
 }
