@@ -187,7 +187,7 @@ fn per_group_base_lrs() {
     let mut s = minibatch_optim::StepLR::new(&mut opt, 1, 0.5).unwrap();
     s.step(&mut opt).unwrap();
     s.step(&mut opt).unwrap();
-    let lrs: Vec<f64> = opt.param_groups().iter().map(|g| g.lr).collect();
+    let lrs: Vec<f64> = (0..2).map(|g| opt.group_lr(g).unwrap()).collect();
     assert_eq!(lrs, vec![0.025, 0.0025]);
     assert_eq!(s.last_lr(), lrs);
     // A schedule built for two groups refuses an optimizer with one.

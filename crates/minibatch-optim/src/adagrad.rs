@@ -4,8 +4,7 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::error::check_non_negative;
-use crate::rule::{hyperparameters_from_json, hyperparameters_to_json};
-use crate::{Float, GenericOptimizer, Result, UpdateRule};
+use crate::{Float, GenericOptimizer, ParamStep, Result, UpdateRule};
 
 /// Hyperparameters of [`Adagrad`] (`torch.optim.Adagrad` names and defaults).
 ///
@@ -65,12 +64,8 @@ pub type Adagrad = GenericOptimizer<AdagradConfig>;
 impl UpdateRule for AdagradConfig {
     const KIND: &'static str = "Adagrad";
 
-    fn learning_rate(&self) -> f64 {
-        self.lr
-    }
-
-    fn set_learning_rate(&mut self, lr: f64) {
-        self.lr = lr;
+    fn lr_mut(&mut self) -> &mut f64 {
+        &mut self.lr
     }
 
     fn validate(&self) -> Result<()> {
@@ -89,8 +84,14 @@ impl UpdateRule for AdagradConfig {
         self.initial_accumulator_value
     }
 
-    fn update<F: Float>(&self, step: u64, param: &mut [F], grad: &[F], state: &mut [&mut [F]]) {
-        let clr = self.lr / (1.0 + (step as f64 - 1.0) * self.lr_decay);
+    fn update<F: Float>(
+        &self,
+        step: ParamStep,
+        param: &mut [F],
+        grad: &[F],
+        state: &mut [&mut [F]],
+    ) {
+        let clr = self.lr / (1.0 + (step.t as f64 - 1.0) * self.lr_decay);
         let neg_clr = F::from_f64(-clr);
         let eps = F::from_f64(self.eps);
         let wd = F::from_f64(self.weight_decay);
@@ -108,12 +109,12 @@ impl UpdateRule for AdagradConfig {
 
     fn update_tensors(
         &self,
-        step: u64,
+        step: ParamStep,
         param: &Tensor,
         grad: &Tensor,
         state: &mut [Tensor],
     ) -> Result<Option<Tensor>> {
-        let clr = self.lr / (1.0 + (step as f64 - 1.0) * self.lr_decay);
+        let clr = self.lr / (1.0 + (step.t as f64 - 1.0) * self.lr_decay);
         let mut g = if self.maximize {
             grad.neg()?
         } else {
@@ -127,14 +128,5 @@ impl UpdateRule for AdagradConfig {
         let new = (param + g.affine(-clr, 0.0)?.div(&std)?)?;
         state[0] = sum;
         Ok(Some(new))
-    }
-
-    fn to_json(&self) -> serde_json::Value {
-        hyperparameters_to_json(self)
-    }
-
-    fn load_json(&mut self, value: &serde_json::Value) -> Result<()> {
-        *self = hyperparameters_from_json(Self::KIND, value)?;
-        Ok(())
     }
 }

@@ -5,8 +5,7 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{check_non_negative, check_unit};
-use crate::rule::{hyperparameters_from_json, hyperparameters_to_json};
-use crate::{Float, GenericOptimizer, Result, UpdateRule};
+use crate::{Float, GenericOptimizer, ParamStep, Result, UpdateRule};
 
 /// Hyperparameters of [`Adam`] (`torch.optim.Adam` names and defaults).
 ///
@@ -254,21 +253,13 @@ pub(crate) fn adam_update_tensors(
 impl UpdateRule for AdamConfig {
     const KIND: &'static str = "Adam";
 
-    fn learning_rate(&self) -> f64 {
-        self.lr
-    }
-
-    fn set_learning_rate(&mut self, lr: f64) {
-        self.lr = lr;
+    fn lr_mut(&mut self) -> &mut f64 {
+        &mut self.lr
     }
 
     /// `beta1` (PyTorch `betas[0]`), cycled by `OneCycleLR`.
-    fn momentum(&self) -> Option<f64> {
-        Some(self.beta1)
-    }
-
-    fn set_momentum(&mut self, momentum: f64) {
-        self.beta1 = momentum;
+    fn momentum_mut(&mut self) -> Option<&mut f64> {
+        Some(&mut self.beta1)
     }
 
     fn validate(&self) -> Result<()> {
@@ -279,26 +270,23 @@ impl UpdateRule for AdamConfig {
         adam_state_names(self)
     }
 
-    fn update<F: Float>(&self, step: u64, param: &mut [F], grad: &[F], state: &mut [&mut [F]]) {
-        adam_update(self, false, step, param, grad, state)
+    fn update<F: Float>(
+        &self,
+        step: ParamStep,
+        param: &mut [F],
+        grad: &[F],
+        state: &mut [&mut [F]],
+    ) {
+        adam_update(self, false, step.t, param, grad, state)
     }
 
     fn update_tensors(
         &self,
-        step: u64,
+        step: ParamStep,
         param: &Tensor,
         grad: &Tensor,
         state: &mut [Tensor],
     ) -> Result<Option<Tensor>> {
-        adam_update_tensors(self, false, step, param, grad, state).map(Some)
-    }
-
-    fn to_json(&self) -> serde_json::Value {
-        hyperparameters_to_json(self)
-    }
-
-    fn load_json(&mut self, value: &serde_json::Value) -> Result<()> {
-        *self = hyperparameters_from_json(Self::KIND, value)?;
-        Ok(())
+        adam_update_tensors(self, false, step.t, param, grad, state).map(Some)
     }
 }

@@ -4,8 +4,7 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::adam::{adam_state_names, adam_update, adam_update_tensors, validate_adam};
-use crate::rule::{hyperparameters_from_json, hyperparameters_to_json};
-use crate::{AdamConfig, Float, GenericOptimizer, Result, UpdateRule};
+use crate::{AdamConfig, Float, GenericOptimizer, ParamStep, Result, UpdateRule};
 
 /// Hyperparameters of [`AdamW`] (`torch.optim.AdamW` names and defaults:
 /// note `weight_decay` defaults to 0.01).
@@ -77,21 +76,13 @@ pub type AdamW = GenericOptimizer<AdamWConfig>;
 impl UpdateRule for AdamWConfig {
     const KIND: &'static str = "AdamW";
 
-    fn learning_rate(&self) -> f64 {
-        self.lr
-    }
-
-    fn set_learning_rate(&mut self, lr: f64) {
-        self.lr = lr;
+    fn lr_mut(&mut self) -> &mut f64 {
+        &mut self.lr
     }
 
     /// `beta1` (PyTorch `betas[0]`), cycled by `OneCycleLR`.
-    fn momentum(&self) -> Option<f64> {
-        Some(self.beta1)
-    }
-
-    fn set_momentum(&mut self, momentum: f64) {
-        self.beta1 = momentum;
+    fn momentum_mut(&mut self) -> Option<&mut f64> {
+        Some(&mut self.beta1)
     }
 
     fn validate(&self) -> Result<()> {
@@ -102,26 +93,23 @@ impl UpdateRule for AdamWConfig {
         adam_state_names(&self.as_adam())
     }
 
-    fn update<F: Float>(&self, step: u64, param: &mut [F], grad: &[F], state: &mut [&mut [F]]) {
-        adam_update(&self.as_adam(), true, step, param, grad, state)
+    fn update<F: Float>(
+        &self,
+        step: ParamStep,
+        param: &mut [F],
+        grad: &[F],
+        state: &mut [&mut [F]],
+    ) {
+        adam_update(&self.as_adam(), true, step.t, param, grad, state)
     }
 
     fn update_tensors(
         &self,
-        step: u64,
+        step: ParamStep,
         param: &Tensor,
         grad: &Tensor,
         state: &mut [Tensor],
     ) -> Result<Option<Tensor>> {
-        adam_update_tensors(&self.as_adam(), true, step, param, grad, state).map(Some)
-    }
-
-    fn to_json(&self) -> serde_json::Value {
-        hyperparameters_to_json(self)
-    }
-
-    fn load_json(&mut self, value: &serde_json::Value) -> Result<()> {
-        *self = hyperparameters_from_json(Self::KIND, value)?;
-        Ok(())
+        adam_update_tensors(&self.as_adam(), true, step.t, param, grad, state).map(Some)
     }
 }

@@ -67,8 +67,15 @@ pub enum OptimError {
 /// Result type of this crate.
 pub type Result<T> = std::result::Result<T, OptimError>;
 
-/// Checks a finite, non-negative hyperparameter.
-pub(crate) fn check_non_negative(name: &'static str, value: f64) -> Result<()> {
+/// Checks a finite, non-negative hyperparameter (a learning rate, a weight
+/// decay...): the error names it. For [`UpdateRule::validate`](crate::UpdateRule::validate).
+///
+/// ```
+/// assert!(minibatch_optim::check_non_negative("lr", 0.1).is_ok());
+/// let e = minibatch_optim::check_non_negative("lr", -1.0).unwrap_err();
+/// assert_eq!(e.to_string(), "invalid hyperparameter `lr` = -1: must be finite and >= 0");
+/// ```
+pub fn check_non_negative(name: &'static str, value: f64) -> Result<()> {
     if !value.is_finite() || value < 0.0 {
         return Err(OptimError::InvalidHyperparameter {
             name,
@@ -79,8 +86,14 @@ pub(crate) fn check_non_negative(name: &'static str, value: f64) -> Result<()> {
     Ok(())
 }
 
-/// Checks a hyperparameter in `[0, 1)`.
-pub(crate) fn check_unit(name: &'static str, value: f64) -> Result<()> {
+/// Checks a hyperparameter in `[0, 1)` (a decay rate such as Adam's betas):
+/// the error names it. For [`UpdateRule::validate`](crate::UpdateRule::validate).
+///
+/// ```
+/// assert!(minibatch_optim::check_unit("beta1", 0.9).is_ok());
+/// assert!(minibatch_optim::check_unit("beta1", 1.0).is_err());
+/// ```
+pub fn check_unit(name: &'static str, value: f64) -> Result<()> {
     if !value.is_finite() || !(0.0..1.0).contains(&value) {
         return Err(OptimError::InvalidHyperparameter {
             name,

@@ -3,27 +3,31 @@
 use candle_core::Var;
 
 /// A set of parameters sharing hyperparameters, like an entry of PyTorch's
-/// `optimizer.param_groups`. Schedules change [`ParamGroup::lr`]; the other
-/// hyperparameters live in the optimizer's per-group rule.
+/// `optimizer.param_groups`.
+///
+/// The group's hyperparameters, learning rate included, live in one place:
+/// the optimizer's rule for the group (read them with
+/// [`Optimizer::group_lr`](crate::Optimizer::group_lr),
+/// [`Optimizer::momentum`](crate::Optimizer::momentum) or
+/// [`GenericOptimizer::rule`](crate::GenericOptimizer::rule), change them
+/// with [`Optimizer::set_group_lr`](crate::Optimizer::set_group_lr),
+/// [`Optimizer::set_momentum`](crate::Optimizer::set_momentum) or
+/// [`GenericOptimizer::update_rule`](crate::GenericOptimizer::update_rule)).
+/// The group itself holds its parameters and the schedules' `initial_lr`.
 #[derive(Debug, Clone)]
 pub struct ParamGroup {
-    /// The learning rate used by the next step for this group.
-    pub lr: f64,
-    /// The learning rate the first schedule attached to this group started
-    /// from (PyTorch's `initial_lr`); later schedules use it as their base.
-    pub initial_lr: Option<f64>,
     names: Vec<String>,
     vars: Vec<Var>,
+    initial_lr: Option<f64>,
 }
 
 impl ParamGroup {
-    pub(crate) fn new(lr: f64, params: Vec<(String, Var)>) -> Self {
+    pub(crate) fn new(params: Vec<(String, Var)>) -> Self {
         let (names, vars) = params.into_iter().unzip();
         Self {
-            lr,
-            initial_lr: None,
             names,
             vars,
+            initial_lr: None,
         }
     }
 
@@ -45,5 +49,16 @@ impl ParamGroup {
     /// Whether the group holds no parameter.
     pub fn is_empty(&self) -> bool {
         self.vars.is_empty()
+    }
+
+    /// The learning rate the first schedule attached to this group started
+    /// from (PyTorch's `group["initial_lr"]`); later schedules use it as their
+    /// base. Set by [`Optimizer::set_initial_lr`](crate::Optimizer::set_initial_lr).
+    pub fn initial_lr(&self) -> Option<f64> {
+        self.initial_lr
+    }
+
+    pub(crate) fn set_initial_lr(&mut self, lr: f64) {
+        self.initial_lr = Some(lr);
     }
 }

@@ -9,7 +9,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::rule::MAX_STATE_BUFFERS;
-use crate::{Float, UpdateRule};
+use crate::{Float, ParamStep, UpdateRule};
 
 /// Tensors with at most this many elements are updated on the calling thread.
 pub(crate) const PARALLEL_THRESHOLD: usize = 1 << 16;
@@ -28,7 +28,7 @@ pub(crate) enum HostBuffers {
 /// The op lent the state buffers for one call.
 pub(crate) struct FusedUpdate<'a, R: UpdateRule> {
     pub rule: &'a R,
-    pub step: u64,
+    pub step: ParamStep,
     pub state: Mutex<&'a mut HostBuffers>,
 }
 
@@ -170,7 +170,7 @@ where
 /// f32 / f64 parameters: the rule runs directly on the storage.
 pub(crate) fn run_native<R: UpdateRule, F: Float>(
     rule: &R,
-    step: u64,
+    step: ParamStep,
     param: &mut [F],
     grad: &[F],
     state: &mut [Vec<F>],
@@ -208,7 +208,7 @@ impl HalfElem for f16 {
 /// f32 against f32 state, and rounded back.
 pub(crate) fn run_half<R: UpdateRule, H: HalfElem>(
     rule: &R,
-    step: u64,
+    step: ParamStep,
     param: &mut [H],
     grad: &[H],
     state: &mut [Vec<f32>],

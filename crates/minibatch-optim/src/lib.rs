@@ -30,28 +30,33 @@
 //!
 //! # Writing a new optimizer
 //!
-//! An optimizer is an [`UpdateRule`]: a hyperparameter struct that says how
-//! one contiguous chunk of a parameter is updated from the same chunk of its
-//! gradient and of its state buffers. [`GenericOptimizer`] does the rest:
-//! parameter groups, skipping parameters without gradients, the fused
-//! in-place pass over CPU storage, rayon chunking of big tensors, bf16/f16
-//! parameters (upcast to f32, state in f32), saving and loading state, and
-//! learning-rate schedules.
+//! An optimizer is an [`UpdateRule`]: a hyperparameter struct (serde
+//! `Serialize`/`Deserialize`, which is how saved state carries it) that says
+//! where its learning rate is, checks its values, and says how one contiguous
+//! chunk of a parameter is updated from the same chunk of its gradient and of
+//! its state buffers. [`GenericOptimizer`] does the rest: parameter groups,
+//! skipping parameters without gradients, the fused in-place pass over CPU
+//! storage, rayon chunking of big tensors, bf16/f16 parameters (upcast to
+//! f32, state in f32), saving and loading state (every hyperparameter, once),
+//! guarded hyperparameter changes and learning-rate schedules.
 //!
 //! ```
-//! use minibatch_optim::{Float, GenericOptimizer, Result, UpdateRule};
+//! use minibatch_optim::{check_non_negative, check_unit, Float, GenericOptimizer, ParamStep, Result, UpdateRule};
+//! use serde::{Deserialize, Serialize};
 //!
 //! /// signSGD with momentum: b ← β b + (1 − β) g;  θ ← θ − lr · sign(b).
-//! #[derive(Debug, Clone)]
+//! #[derive(Debug, Clone, Serialize, Deserialize)]
 //! struct SignSgd { lr: f64, beta: f64 }
 //!
 //! impl UpdateRule for SignSgd {
 //!     const KIND: &'static str = "SignSGD";
-//!     fn learning_rate(&self) -> f64 { self.lr }
-//!     fn set_learning_rate(&mut self, lr: f64) { self.lr = lr }
-//!     fn validate(&self) -> Result<()> { Ok(()) }
+//!     fn lr_mut(&mut self) -> &mut f64 { &mut self.lr }
+//!     fn validate(&self) -> Result<()> {
+//!         check_non_negative("lr", self.lr)?;
+//!         check_unit("beta", self.beta)
+//!     }
 //!     fn state_names(&self) -> &'static [&'static str] { &["momentum"] }
-//!     fn update<F: Float>(&self, _step: u64, p: &mut [F], g: &[F], s: &mut [&mut [F]]) {
+//!     fn update<F: Float>(&self, _step: ParamStep, p: &mut [F], g: &[F], s: &mut [&mut [F]]) {
 //!         let (lr, beta) = (F::from_f64(self.lr), F::from_f64(self.beta));
 //!         let b = &mut *s[0];
 //!         for j in 0..p.len() {
@@ -63,11 +68,38 @@
 //! pub type SignSgdOptimizer = GenericOptimizer<SignSgd>;
 //! ```
 //!
-//! Optionally implement [`UpdateRule::update_tensors`] (the same maths with
-//! candle tensor ops) so parameters on CUDA keep their state on the device;
-//! without it those parameters take a host round trip each step. Override
-//! [`UpdateRule::to_json`] / [`UpdateRule::load_json`] to save all the
-//! hyperparameters (the default saves `lr` only).
+//! Optionally implement [`UpdateRule::momentum_mut`] (so
+//! [`OneCycleLR`] can cycle it and [`Optimizer::set_momentum`] set it) and
+//! [`UpdateRule::update_tensors`] (the same maths with candle tensor ops) so
+//! parameters on CUDA keep their state on the device; without it those
+//! parameters take a host round trip each step.
+//!
+//! # Changing hyperparameters
+//!
+//! Each group's hyperparameters, learning rate included, live in its rule
+//! and nowhere else. [`Optimizer::set_group_lr`] (or
+//! [`Optimizer::set_learning_rate`] for every group),
+//! [`Optimizer::set_momentum`] and, for any field,
+//! [`GenericOptimizer::update_rule`] change them: the change is validated
+//! (an invalid one is an error that leaves the optimizer unchanged) and the
+//! state buffers follow it (momentum switched on mid-run starts its buffer
+//! like PyTorch does).
+//!
+//! ```
+//! use candle_core::{Device, Var};
+//! use minibatch_optim::{Optimizer, Sgd, SgdConfig};
+//! # fn main() -> minibatch_optim::Result<()> {
+//! let w = Var::new(&[1.0f32, -2.0], &Device::Cpu)?;
+//! let mut opt = Sgd::new(vec![w.clone()], SgdConfig { lr: 0.1, ..Default::default() })?;
+//! opt.backward_step(&w.as_tensor().sqr()?.sum_all()?)?;
+//! opt.set_group_lr(0, 0.05)?;                       // group["lr"] = 0.05
+//! opt.set_momentum(0, 0.9)?;                        // group["momentum"] = 0.9
+//! opt.update_rule(0, |c| c.weight_decay = 1e-4)?;  // group["weight_decay"] = 1e-4
+//! assert!(opt.update_rule(0, |c| c.momentum = -1.0).is_err());
+//! opt.backward_step(&w.as_tensor().sqr()?.sum_all()?)?;
+//! assert_eq!(opt.rule(0).unwrap().lr, 0.05);
+//! # Ok(()) }
+//! ```
 //!
 //! # Numerics
 //!
@@ -93,7 +125,6 @@ mod rmsprop;
 mod rule;
 pub mod schedule;
 mod sgd;
-mod state;
 mod varmap;
 
 pub use accumulate::{GradAccumulator, Reduction};
@@ -102,13 +133,13 @@ pub use adam::{Adam, AdamConfig};
 pub use adamw::{AdamW, AdamWConfig};
 pub use atomic::{sync_dir, write_atomic};
 pub use clip::{clip_grad_norm, clip_grad_norm_with, clip_grad_value, Norm};
-pub use error::{OptimError, Result};
+pub use error::{check_non_negative, check_unit, OptimError, Result};
 pub use float::Float;
 pub use generic::GenericOptimizer;
 pub use group::ParamGroup;
 pub use optimizer::Optimizer;
 pub use rmsprop::{RmsProp, RmsPropConfig};
-pub use rule::{hyperparameters_from_json, hyperparameters_to_json, UpdateRule, MAX_STATE_BUFFERS};
+pub use rule::{ParamStep, UpdateRule, MAX_STATE_BUFFERS};
 pub use schedule::{
     CosineAnnealing, CosineAnnealingLR, CosineAnnealingWarmRestarts, ExponentialLR, LinearLR,
     LrScheduler, MultiStepLR, OneCycleLR, OneCycleOptions, ReduceLROnPlateau, SequentialLR, StepLR,

@@ -22,11 +22,25 @@ pub trait Optimizer: Send {
         self.step(&grads)
     }
 
-    /// The learning rate of group 0.
-    fn learning_rate(&self) -> f64;
+    /// The learning rate of group 0 (0 for an optimizer without groups).
+    fn learning_rate(&self) -> f64 {
+        self.group_lr(0).unwrap_or(0.0)
+    }
 
-    /// Sets the learning rate of every group.
+    /// Sets the learning rate of every group (PyTorch's `group["lr"] = lr`
+    /// for each group). Infallible like `candle_nn::Optimizer`'s: an invalid
+    /// value (negative, NaN) is stored and reported by the next
+    /// [`step`](Optimizer::step). [`Optimizer::set_group_lr`] checks it at once.
     fn set_learning_rate(&mut self, lr: f64);
+
+    /// The learning rate of group `group`; `None` when it does not exist.
+    fn group_lr(&self, group: usize) -> Option<f64>;
+
+    /// Sets the learning rate of group `group` (PyTorch's
+    /// `optimizer.param_groups[group]["lr"] = lr`), as schedules do. Errors
+    /// (leaving the optimizer unchanged) when the group does not exist or
+    /// the value is invalid.
+    fn set_group_lr(&mut self, group: usize, lr: f64) -> Result<()>;
 
     /// The momentum of group `group` (PyTorch's `momentum`, or `betas[0]` for
     /// Adam and AdamW), as cycled by [`OneCycleLR`](crate::OneCycleLR).
@@ -37,12 +51,15 @@ pub trait Optimizer: Send {
         None
     }
 
-    /// Sets the momentum (or `betas[0]`) of group `group`. Errors when the
-    /// group does not exist, its optimizer has no momentum, the new value is
-    /// invalid (the optimizer is then unchanged), or the change would add or
-    /// remove a state buffer of parameters that already have state (SGD and
-    /// RMSprop keep a momentum buffer only when momentum > 0). The default
-    /// always errors.
+    /// Sets the momentum (or `betas[0]`) of group `group`, like PyTorch's
+    /// `group["momentum"] = m`. Errors, leaving the optimizer unchanged, when
+    /// the group does not exist, its optimizer has no momentum, the new value
+    /// is invalid, or the change would drop a state buffer that parameters
+    /// already hold (SGD and RMSprop keep a momentum buffer only while
+    /// momentum > 0: turning it off after the first step is refused).
+    /// Turning momentum on mid-run is fine: each parameter's momentum buffer
+    /// starts at its next update as PyTorch's does (SGD: from the gradient;
+    /// RMSprop: from zero). The default always errors.
     fn set_momentum(&mut self, group: usize, momentum: f64) -> Result<()> {
         let _ = (group, momentum);
         Err(crate::OptimError::InvalidSetup(format!(
@@ -54,11 +71,15 @@ pub trait Optimizer: Send {
     /// The parameter groups.
     fn param_groups(&self) -> &[ParamGroup];
 
-    /// The parameter groups, mutable (schedules set [`ParamGroup::lr`]).
-    fn param_groups_mut(&mut self) -> &mut [ParamGroup];
+    /// Records the base learning rate schedules start from
+    /// ([`ParamGroup::initial_lr`], PyTorch's `group["initial_lr"]`). Errors
+    /// when the group does not exist or `lr` is negative or not finite.
+    fn set_initial_lr(&mut self, group: usize, lr: f64) -> Result<()>;
 
     /// The optimizer state (buffers, step counts, hyperparameters) as
-    /// safetensors bytes.
+    /// safetensors bytes. Deterministic: two optimizers built and stepped
+    /// the same way give the same bytes, so saved files can be compared by
+    /// hash.
     fn state_bytes(&self) -> Result<Vec<u8>>;
 
     /// Restores a state produced by [`Optimizer::state_bytes`]. Checks the

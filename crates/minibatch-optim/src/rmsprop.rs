@@ -5,8 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::adam::lerp;
 use crate::error::check_non_negative;
-use crate::rule::{hyperparameters_from_json, hyperparameters_to_json};
-use crate::{Float, GenericOptimizer, Result, UpdateRule};
+use crate::{Float, GenericOptimizer, ParamStep, Result, UpdateRule};
 
 /// Hyperparameters of [`RmsProp`] (`torch.optim.RMSprop` names and defaults).
 ///
@@ -72,21 +71,13 @@ pub type RmsProp = GenericOptimizer<RmsPropConfig>;
 impl UpdateRule for RmsPropConfig {
     const KIND: &'static str = "RMSprop";
 
-    fn learning_rate(&self) -> f64 {
-        self.lr
-    }
-
-    fn set_learning_rate(&mut self, lr: f64) {
-        self.lr = lr;
+    fn lr_mut(&mut self) -> &mut f64 {
+        &mut self.lr
     }
 
     /// `momentum`, cycled by `OneCycleLR`.
-    fn momentum(&self) -> Option<f64> {
-        Some(self.momentum)
-    }
-
-    fn set_momentum(&mut self, momentum: f64) {
-        self.momentum = momentum;
+    fn momentum_mut(&mut self) -> Option<&mut f64> {
+        Some(&mut self.momentum)
     }
 
     fn validate(&self) -> Result<()> {
@@ -106,7 +97,13 @@ impl UpdateRule for RmsPropConfig {
         }
     }
 
-    fn update<F: Float>(&self, _step: u64, param: &mut [F], grad: &[F], state: &mut [&mut [F]]) {
+    fn update<F: Float>(
+        &self,
+        _step: ParamStep,
+        param: &mut [F],
+        grad: &[F],
+        state: &mut [&mut [F]],
+    ) {
         let neg_lr = F::from_f64(-self.lr);
         let alpha = F::from_f64(self.alpha);
         let w = 1.0 - self.alpha;
@@ -153,7 +150,7 @@ impl UpdateRule for RmsPropConfig {
 
     fn update_tensors(
         &self,
-        _step: u64,
+        _step: ParamStep,
         param: &Tensor,
         grad: &Tensor,
         state: &mut [Tensor],
@@ -195,14 +192,5 @@ impl UpdateRule for RmsPropConfig {
             None => (param + g.affine(-self.lr, 0.0)?.div(&avg)?)?,
         };
         Ok(Some(new))
-    }
-
-    fn to_json(&self) -> serde_json::Value {
-        hyperparameters_to_json(self)
-    }
-
-    fn load_json(&mut self, value: &serde_json::Value) -> Result<()> {
-        *self = hyperparameters_from_json(Self::KIND, value)?;
-        Ok(())
     }
 }

@@ -5,8 +5,7 @@ use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::error::check_non_negative;
-use crate::rule::{hyperparameters_from_json, hyperparameters_to_json};
-use crate::{Float, GenericOptimizer, OptimError, Result, UpdateRule};
+use crate::{Float, GenericOptimizer, OptimError, ParamStep, Result, UpdateRule};
 
 /// Hyperparameters of [`Sgd`] (PyTorch's `torch.optim.SGD` keyword names and
 /// defaults; `lr` defaults to PyTorch's 1e-3).
@@ -16,13 +15,17 @@ use crate::{Float, GenericOptimizer, OptimError, Result, UpdateRule};
 /// ```text
 /// g ← −g                                   if maximize
 /// g ← g + weight_decay · θ                 if weight_decay ≠ 0
-/// b ← g                                     if t = 1
+/// b ← g                                     if b is new    (if momentum ≠ 0)
 /// b ← momentum · b + (1 − dampening) · g    otherwise      (if momentum ≠ 0)
 /// g ← g + momentum · b  if nesterov,  else g ← b           (if momentum ≠ 0)
 /// θ ← θ − lr · g
 /// ```
 ///
-/// State: `momentum_buffer` (only when `momentum ≠ 0`).
+/// State: `momentum_buffer` (only when `momentum ≠ 0`). It is new on a
+/// parameter's first step, and on the first step after momentum was switched
+/// on through [`GenericOptimizer::update_rule`] or
+/// [`Optimizer::set_momentum`](crate::Optimizer::set_momentum): PyTorch's
+/// missing buffer, started from the gradient.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct SgdConfig {
     /// Learning rate.
@@ -112,21 +115,13 @@ fn sgd_momentum<F: Float, const NESTEROV: bool, const FIRST: bool>(
 impl UpdateRule for SgdConfig {
     const KIND: &'static str = "SGD";
 
-    fn learning_rate(&self) -> f64 {
-        self.lr
-    }
-
-    fn set_learning_rate(&mut self, lr: f64) {
-        self.lr = lr;
+    fn lr_mut(&mut self) -> &mut f64 {
+        &mut self.lr
     }
 
     /// `momentum`, cycled by `OneCycleLR`.
-    fn momentum(&self) -> Option<f64> {
-        Some(self.momentum)
-    }
-
-    fn set_momentum(&mut self, momentum: f64) {
-        self.momentum = momentum;
+    fn momentum_mut(&mut self) -> Option<&mut f64> {
+        Some(&mut self.momentum)
     }
 
     fn validate(&self) -> Result<()> {
@@ -158,7 +153,13 @@ impl UpdateRule for SgdConfig {
         }
     }
 
-    fn update<F: Float>(&self, step: u64, param: &mut [F], grad: &[F], state: &mut [&mut [F]]) {
+    fn update<F: Float>(
+        &self,
+        step: ParamStep,
+        param: &mut [F],
+        grad: &[F],
+        state: &mut [&mut [F]],
+    ) {
         if self.momentum == 0.0 {
             let neg_lr = F::from_f64(-self.lr);
             let wd = F::from_f64(self.weight_decay);
@@ -173,7 +174,7 @@ impl UpdateRule for SgdConfig {
             return;
         }
         let buf = &mut *state[0];
-        match (self.nesterov, step == 1) {
+        match (self.nesterov, step.is_new(0)) {
             (false, false) => sgd_momentum::<F, false, false>(self, param, grad, buf),
             (false, true) => sgd_momentum::<F, false, true>(self, param, grad, buf),
             (true, false) => sgd_momentum::<F, true, false>(self, param, grad, buf),
@@ -183,7 +184,7 @@ impl UpdateRule for SgdConfig {
 
     fn update_tensors(
         &self,
-        step: u64,
+        step: ParamStep,
         param: &Tensor,
         grad: &Tensor,
         state: &mut [Tensor],
@@ -197,7 +198,7 @@ impl UpdateRule for SgdConfig {
             d = (d + param.affine(self.weight_decay, 0.0)?)?;
         }
         if self.momentum != 0.0 {
-            let b = if step == 1 {
+            let b = if step.is_new(0) {
                 d.clone()
             } else {
                 (state[0].affine(self.momentum, 0.0)? + d.affine(1.0 - self.dampening, 0.0)?)?
@@ -210,14 +211,5 @@ impl UpdateRule for SgdConfig {
             state[0] = b;
         }
         Ok(Some((param + d.affine(-self.lr, 0.0)?)?))
-    }
-
-    fn to_json(&self) -> serde_json::Value {
-        hyperparameters_to_json(self)
-    }
-
-    fn load_json(&mut self, value: &serde_json::Value) -> Result<()> {
-        *self = hyperparameters_from_json(Self::KIND, value)?;
-        Ok(())
     }
 }

@@ -507,7 +507,7 @@ fn groups_have_their_own_hyperparameters_and_lr_is_restored() {
     assert!((a0[0] - a1[0] - 0.1).abs() < 1e-15);
     assert!((b0[0] - b1[0] - 0.01).abs() < 1e-15);
     // Schedules change group lrs; the state file carries them.
-    opt.param_groups_mut()[1].lr = 0.005;
+    opt.set_group_lr(1, 0.005).unwrap();
     let bytes = opt.state_bytes().unwrap();
     let mut fresh = Sgd::with_groups(vec![
         (
@@ -528,7 +528,7 @@ fn groups_have_their_own_hyperparameters_and_lr_is_restored() {
     ])
     .unwrap();
     fresh.load_state_bytes(&bytes).unwrap();
-    assert_eq!(fresh.param_groups()[1].lr, 0.005);
+    assert_eq!(fresh.group_lr(1), Some(0.005));
     assert_eq!(fresh.vars().len(), 2);
 }
 

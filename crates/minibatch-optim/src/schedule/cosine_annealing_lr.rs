@@ -25,7 +25,7 @@ impl CosineAnnealingLR {
         }
         check_non_negative("eta_min", eta_min)?;
         let mut s = Self {
-            core: Core::new(opt),
+            core: Core::new(opt)?,
             t_max,
             eta_min,
         };

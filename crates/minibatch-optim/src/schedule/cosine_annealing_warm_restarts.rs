@@ -37,7 +37,7 @@ impl CosineAnnealingWarmRestarts {
         }
         check_non_negative("eta_min", eta_min)?;
         let mut s = Self {
-            core: Core::new(opt),
+            core: Core::new(opt)?,
             t_0,
             t_mult,
             eta_min,

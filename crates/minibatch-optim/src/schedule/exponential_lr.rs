@@ -14,7 +14,7 @@ impl ExponentialLR {
     pub fn new(opt: &mut dyn Optimizer, gamma: f64) -> Result<Self> {
         positive("gamma", gamma)?;
         let mut s = Self {
-            core: Core::new(opt),
+            core: Core::new(opt)?,
             gamma,
         };
         let this = s.clone();

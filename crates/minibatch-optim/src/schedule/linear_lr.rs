@@ -37,7 +37,7 @@ impl LinearLR {
             });
         }
         let mut s = Self {
-            core: Core::new(opt),
+            core: Core::new(opt)?,
             start_factor,
             end_factor,
             total_iters,

@@ -34,7 +34,7 @@ pub use reduce_lr_on_plateau::{PlateauMode, ReduceLROnPlateau, ThresholdMode};
 pub use sequential_lr::SequentialLR;
 pub use step_lr::StepLR;
 
-use crate::{OptimError, Optimizer, Result};
+use crate::{check_non_negative, OptimError, Optimizer, Result};
 
 /// A learning-rate schedule; object safe (`Box<dyn LrScheduler>`).
 pub trait LrScheduler: Send {
@@ -79,36 +79,35 @@ pub(crate) struct Core {
 }
 
 impl Core {
-    /// Reads (and records) the groups' `initial_lr`.
-    pub fn new(opt: &mut dyn Optimizer) -> Self {
-        let base_lrs = opt
-            .param_groups_mut()
-            .iter_mut()
-            .map(|g| *g.initial_lr.get_or_insert(g.lr))
-            .collect();
-        Self {
+    /// Reads the groups' `initial_lr`, recording the current lr as such where
+    /// there is none yet (PyTorch's `group.setdefault("initial_lr", group["lr"])`).
+    pub fn new(opt: &mut dyn Optimizer) -> Result<Self> {
+        let mut base_lrs = Vec::with_capacity(opt.param_groups().len());
+        for g in 0..opt.param_groups().len() {
+            let base = match opt.param_groups()[g].initial_lr() {
+                Some(lr) => lr,
+                None => {
+                    let lr = opt.group_lr(g).unwrap_or(0.0);
+                    opt.set_initial_lr(g, lr)?;
+                    lr
+                }
+            };
+            base_lrs.push(base);
+        }
+        Ok(Self {
             base_lrs,
             last_epoch: 0,
             last_lr: Vec::new(),
-        }
+        })
     }
 
     /// Sets `lr(base, epoch)` on every group.
     pub fn apply(&mut self, opt: &mut dyn Optimizer, lr: impl Fn(f64, u64) -> f64) -> Result<()> {
-        let groups = opt.param_groups_mut();
-        if groups.len() != self.base_lrs.len() {
-            return Err(OptimError::Schedule(format!(
-                "the schedule was built for {} parameter groups, the optimizer has {}",
-                self.base_lrs.len(),
-                groups.len()
-            )));
-        }
         self.last_lr.clear();
-        for (g, &base) in groups.iter_mut().zip(&self.base_lrs) {
-            g.lr = lr(base, self.last_epoch);
-            self.last_lr.push(g.lr);
-        }
-        Ok(())
+        let epoch = self.last_epoch;
+        self.last_lr
+            .extend(self.base_lrs.iter().map(|&base| lr(base, epoch)));
+        set_group_lrs(opt, &self.last_lr)
     }
 
     pub fn state(&self) -> serde_json::Value {
@@ -175,6 +174,25 @@ macro_rules! closed_form_scheduler {
     };
 }
 pub(crate) use closed_form_scheduler;
+
+/// Sets one learning rate per group. A group count that does not match or a
+/// negative or non-finite lr is an error before any group changes.
+pub(crate) fn set_group_lrs(opt: &mut dyn Optimizer, lrs: &[f64]) -> Result<()> {
+    let n = opt.param_groups().len();
+    if n != lrs.len() {
+        return Err(OptimError::Schedule(format!(
+            "the schedule was built for {} parameter groups, the optimizer has {n}",
+            lrs.len()
+        )));
+    }
+    for &lr in lrs {
+        check_non_negative("lr", lr)?;
+    }
+    for (g, &lr) in lrs.iter().enumerate() {
+        opt.set_group_lr(g, lr)?;
+    }
+    Ok(())
+}
 
 pub(crate) fn positive(name: &'static str, v: f64) -> Result<()> {
     if !(v.is_finite() && v > 0.0) {

@@ -17,7 +17,7 @@ impl MultiStepLR {
         positive("gamma", gamma)?;
         milestones.sort_unstable();
         let mut s = Self {
-            core: Core::new(opt),
+            core: Core::new(opt)?,
             milestones,
             gamma,
         };

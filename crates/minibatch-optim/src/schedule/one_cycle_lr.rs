@@ -1,4 +1,4 @@
-use super::{positive, Core, LrScheduler};
+use super::{positive, set_group_lrs, Core, LrScheduler};
 use crate::{OptimError, Optimizer, Result};
 
 /// The annealing shape of [`OneCycleLR`] (PyTorch's `anneal_strategy`).
@@ -53,7 +53,10 @@ impl Default for OneCycleOptions {
 /// `pct_start · total_steps` steps, then anneal to
 /// `max_lr / (div_factor · final_div_factor)` (with `three_phase`, go back down
 /// to the initial lr first). The optimizer's own lr is ignored. Stepping more
-/// than `total_steps` times is an error.
+/// than `total_steps` times is an error; the `total_steps`-th step (after the
+/// last batch) keeps the final lr and momentum, where PyTorch extrapolates
+/// the last phase one step further (with linear annealing, to a negative lr,
+/// which [`Optimizer::set_group_lr`] refuses).
 ///
 /// **Momentum cycling** (`cycle_momentum`, on by default as in PyTorch): the
 /// momentum (SGD, RMSprop) or β₁ (Adam, AdamW) of every group is set to
@@ -62,10 +65,12 @@ impl Default for OneCycleOptions {
 /// `max_momentum → base_momentum` while the lr rises, back to `max_momentum`
 /// while it falls (three phases: max → base, base → max, then constant max).
 /// An optimizer without momentum (Adagrad) is an error unless
-/// `cycle_momentum` is false. Because SGD and RMSprop keep a momentum buffer
-/// only while momentum > 0, build the schedule before the first optimizer
-/// step when the optimizer starts with momentum 0, and keep `base_momentum`
-/// above 0 for them (a momentum reaching 0 after the first step is refused).
+/// `cycle_momentum` is false. SGD and RMSprop keep a momentum buffer only
+/// while momentum > 0: an optimizer built with momentum 0 gets its buffers
+/// when the schedule switches momentum on (before or after the first step,
+/// started as PyTorch starts a missing buffer), and `base_momentum` must stay
+/// above 0 for them (dropping a buffer after the first step is refused, see
+/// [`Optimizer::set_momentum`]).
 ///
 /// ```
 /// use candle_core::{Device, Var};
@@ -171,13 +176,12 @@ impl OneCycleLR {
         };
         let initial = max_lr / div_factor;
         let min = initial / final_div_factor;
-        let groups = opt.param_groups_mut();
-        for g in groups.iter_mut() {
-            g.initial_lr = Some(initial);
+        for g in 0..n_groups {
+            opt.set_initial_lr(g, initial)?;
         }
-        let lrs = vec![(initial, max_lr, min); groups.len()];
+        let lrs = vec![(initial, max_lr, min); n_groups];
         let mut s = Self {
-            core: Core::new(opt),
+            core: Core::new(opt)?,
             lrs,
             total_steps,
             pct_start,
@@ -230,7 +234,10 @@ impl OneCycleLR {
             (total - 1.0, max, min, base_m, max_m),
         ];
         let phases: &[(f64, f64, f64, f64, f64)] = if self.three_phase { &three } else { &two };
-        let step = step as f64;
+        // The final call (step == total_steps, after the last batch) keeps the
+        // end values; PyTorch extrapolates the last phase there, which with
+        // linear annealing gives a negative lr.
+        let step = (step as f64).min(total - 1.0);
         let mut start_step = 0.0;
         for (i, &(end_step, from, to, m_from, m_to)) in phases.iter().enumerate() {
             if step <= end_step || i == phases.len() - 1 {
@@ -267,10 +274,9 @@ impl OneCycleLR {
         self.core.last_lr.clear();
         for g in 0..n {
             let (lr, _) = at(self, g);
-            opt.param_groups_mut()[g].lr = lr;
             self.core.last_lr.push(lr);
         }
-        Ok(())
+        set_group_lrs(opt, &self.core.last_lr)
     }
 }
 

@@ -106,7 +106,7 @@ impl ReduceLROnPlateau {
             num_bad_epochs: 0,
             cooldown_counter: 0,
             last_epoch: 0,
-            last_lr: opt.param_groups().iter().map(|g| g.lr).collect(),
+            last_lr: group_lrs(opt),
         })
     }
 
@@ -126,6 +126,13 @@ impl ReduceLROnPlateau {
             (PlateauMode::Max, ThresholdMode::Abs) => a > b + t,
         }
     }
+}
+
+/// Every group's learning rate.
+fn group_lrs(opt: &dyn Optimizer) -> Vec<f64> {
+    (0..opt.param_groups().len())
+        .map(|g| opt.group_lr(g).unwrap_or(0.0))
+        .collect()
 }
 
 impl LrScheduler for ReduceLROnPlateau {
@@ -148,16 +155,19 @@ impl LrScheduler for ReduceLROnPlateau {
             self.num_bad_epochs = 0;
         }
         if self.num_bad_epochs > self.patience {
-            for g in opt.param_groups_mut() {
-                let new = (g.lr * self.factor).max(self.min_lr);
-                if g.lr - new > self.eps {
-                    g.lr = new;
+            for g in 0..opt.param_groups().len() {
+                let lr = opt.group_lr(g).unwrap_or(0.0);
+                let new = (lr * self.factor).max(self.min_lr);
+                if lr - new > self.eps {
+                    opt.set_group_lr(g, new)?;
                 }
             }
             self.cooldown_counter = self.cooldown;
             self.num_bad_epochs = 0;
         }
-        self.last_lr = opt.param_groups().iter().map(|g| g.lr).collect();
+        self.last_lr.clear();
+        self.last_lr
+            .extend((0..opt.param_groups().len()).map(|g| opt.group_lr(g).unwrap_or(0.0)));
         Ok(())
     }
 

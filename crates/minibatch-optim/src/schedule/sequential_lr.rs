@@ -42,9 +42,9 @@ impl SequentialLR {
                 "SequentialLR milestones must increase".into(),
             ));
         }
-        for g in opt.param_groups_mut() {
-            if let Some(l) = g.initial_lr {
-                g.lr = l;
+        for g in 0..opt.param_groups().len() {
+            if let Some(l) = opt.param_groups()[g].initial_lr() {
+                opt.set_group_lr(g, l)?;
             }
         }
         schedulers[0].restart(opt)?;

@@ -34,7 +34,7 @@ impl StepLR {
         }
         positive("gamma", gamma)?;
         let mut s = Self {
-            core: Core::new(opt),
+            core: Core::new(opt)?,
             step_size,
             gamma,
         };
