@@ -31,6 +31,7 @@
 mod batch;
 mod collate;
 mod concat;
+pub mod csv;
 mod dataset;
 mod device;
 mod epoch;
@@ -38,15 +39,23 @@ mod error;
 mod fn_dataset;
 mod gather;
 pub mod idx;
+mod image_folder;
 mod loader;
 mod map;
 mod map_batch;
+mod mmap;
 pub mod mnist;
+mod npy;
+#[cfg(feature = "parquet")]
+#[cfg_attr(docsrs, doc(cfg(feature = "parquet")))]
+pub mod parquet;
 pub mod rng;
+mod safetensors_dataset;
 pub mod sampler;
 mod split;
 mod subset;
 mod tensor_dataset;
+mod token_windows;
 
 pub use batch::{Batch, Sample};
 pub use collate::collate;
@@ -54,11 +63,14 @@ pub use concat::ConcatDataset;
 pub use dataset::Dataset;
 pub use device::{available_devices, parse_device};
 pub use epoch::Epoch;
-pub use error::{DataError, Result};
+pub use error::{DataError, FileProblem, Result};
 pub use fn_dataset::FnDataset;
+pub use image_folder::{ImageErrorPolicy, ImageFolder, ImageOptions};
 pub use loader::{DataLoader, DataLoaderBuilder};
 pub use map::{Map, TransformContext};
 pub use map_batch::MapBatch;
+pub use npy::NpyDataset;
+pub use safetensors_dataset::SafetensorsDataset;
 pub use sampler::{
     BatchSampler, DistributedSampler, FixedOrderSampler, RandomSampler, Sampler, SequentialSampler,
     SubsetRandomSampler, WeightedRandomSampler,
@@ -66,3 +78,4 @@ pub use sampler::{
 pub use split::{random_split, split_lengths, SplitSizes};
 pub use subset::Subset;
 pub use tensor_dataset::TensorDataset;
+pub use token_windows::{TokenDType, TokenWindows, OFFSET_STREAM};
