@@ -1,6 +1,14 @@
-//! One shuffled epoch of MNIST train (60000x784 f32, batch 64, in memory, CPU)
-//! through the DataLoader, against the ideal (plain row copies into
-//! preallocated buffers, same order) and a bare candle `index_select` loop.
+//! The DataLoader's data paths, each against a baseline measured in the same run.
+//!
+//! 1. `mnist_train_epoch_b64`: one shuffled epoch of MNIST train (60000x784
+//!    f32, batch 64, in memory, CPU) through the loader (inline, the default
+//!    for in-memory data, and with 2 forced worker threads) against the ideal
+//!    (plain row copies into preallocated buffers, same order) and a bare
+//!    candle `index_select` loop.
+//! 2. `mnist_epoch_b64_with_step`: the same epoch with a stand-in training
+//!    step on each batch (an MLP 784-128-10 forward, two candle matmuls), inline
+//!    against 2 forced workers: whether threads that gather ahead pay off once
+//!    the step competes with them for the cores.
 //!
 //! Run: `cargo bench --bench data_loader`
 
@@ -10,25 +18,9 @@ use std::time::Duration;
 
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion};
-use minibatch_data::{mnist, Batch, DataLoader, Dataset, Sample, TensorDataset};
+use minibatch_data::{mnist, DataLoader, Dataset};
 
 const BATCH: usize = 64;
-
-/// The same dataset, but claiming not to be in memory, so the loader really
-/// hands batches to worker threads: measures what workers would cost.
-struct ForceWorkers(TensorDataset);
-
-impl Dataset for ForceWorkers {
-    fn len(&self) -> usize {
-        self.0.len()
-    }
-    fn get(&self, index: usize) -> minibatch_data::Result<Sample> {
-        self.0.get(index)
-    }
-    fn get_batch(&self, indices: &[usize]) -> minibatch_data::Result<Batch> {
-        self.0.get_batch(indices)
-    }
-}
 
 fn bench(c: &mut Criterion) {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/mnist");
@@ -36,13 +28,15 @@ fn bench(c: &mut Criterion) {
     let x = train.tensors()[0].clone();
     let y = train.tensors()[1].clone();
     let n = train.len();
-    let threaded = DataLoader::builder(ForceWorkers(train.clone()))
+    let threaded = DataLoader::builder(train.clone())
         .batch_size(BATCH)
         .shuffle(42)
         .num_workers(2)
         .prefetch(4)
+        .force_workers(true)
         .build()
         .unwrap();
+    assert!(threaded.uses_workers());
     let loader = DataLoader::builder(train)
         .batch_size(BATCH)
         .shuffle(42)
@@ -100,6 +94,26 @@ fn bench(c: &mut Criterion) {
                 ));
             }
         })
+    });
+    g.finish();
+
+    // A stand-in training step: an MLP forward pass on each batch.
+    let w1 = Tensor::randn(0f32, 0.05, (784, 128), &Device::Cpu).unwrap();
+    let w2 = Tensor::randn(0f32, 0.05, (128, 10), &Device::Cpu).unwrap();
+    let step = |batch: minibatch_data::Batch| {
+        let (x, _) = batch.into_pair().unwrap();
+        let h = x.matmul(&w1).unwrap().relu().unwrap();
+        black_box(h.matmul(&w2).unwrap());
+    };
+    let mut g = c.benchmark_group("mnist_epoch_b64_with_step");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_secs(2))
+        .measurement_time(Duration::from_secs(10));
+    g.bench_function("inline", |b| {
+        b.iter(|| loader.epoch(0).for_each(|batch| step(batch.unwrap())))
+    });
+    g.bench_function("forced_2_workers", |b| {
+        b.iter(|| threaded.epoch(0).for_each(|batch| step(batch.unwrap())))
     });
     g.finish();
 }

@@ -11,25 +11,33 @@ use candle_core::Device;
 use crate::batch::Batch;
 use crate::dataset::Dataset;
 use crate::error::{DataError, Result};
-use crate::loader::DataLoader;
+use crate::sampler::BatchSampler;
 
-/// What every batch of one epoch needs; shared with worker threads.
-struct Plan {
-    dataset: Arc<dyn Dataset>,
-    order: Vec<usize>,
-    batch_size: usize,
-    num_batches: usize,
-    epoch: u64,
-    device: Option<Device>,
+/// What every batch of one epoch needs; built by the
+/// [`DataLoader`](crate::DataLoader) and shared with worker threads.
+pub(crate) struct Plan {
+    /// The dataset batches are gathered from.
+    pub(crate) dataset: Arc<dyn Dataset>,
+    /// Cuts `order` into batches (the only place batch bounds are computed).
+    pub(crate) batches: BatchSampler,
+    /// The sampler's order for this epoch.
+    pub(crate) order: Vec<usize>,
+    /// The epoch number, passed to epoch-aware datasets.
+    pub(crate) epoch: u64,
+    /// Where batches are moved, if anywhere.
+    pub(crate) device: Option<Device>,
 }
 
 impl Plan {
+    fn num_batches(&self) -> usize {
+        self.batches.len()
+    }
+
     fn batch(&self, b: usize) -> Result<Batch> {
-        let start = b * self.batch_size;
-        let end = (start + self.batch_size).min(self.order.len());
+        let range = self.batches.batch_range(b, self.order.len());
         let batch = self
             .dataset
-            .get_batch_in_epoch(&self.order[start..end], self.epoch)?;
+            .get_batch_in_epoch(&self.order[range], self.epoch)?;
         match &self.device {
             Some(d) => batch.to_device(d),
             None => Ok(batch),
@@ -60,18 +68,15 @@ impl Pool {
             let spawned = std::thread::Builder::new()
                 .name(format!("minibatch-worker-{w}"))
                 .spawn(move || {
+                    let num_batches = plan.num_batches();
                     let mut b = start + w;
-                    while b < plan.num_batches && !stop.load(Ordering::Relaxed) {
+                    while b < num_batches && !stop.load(Ordering::Relaxed) {
                         let item =
                             catch_unwind(AssertUnwindSafe(|| plan.batch(b))).unwrap_or_else(|p| {
-                                let msg = p
-                                    .downcast_ref::<&str>()
-                                    .map(|s| s.to_string())
-                                    .or_else(|| p.downcast_ref::<String>().cloned())
-                                    .unwrap_or_else(|| "unknown panic".into());
-                                Err(DataError::Worker(format!(
-                                    "worker {w} panicked building batch {b}: {msg}"
-                                )))
+                                Err(DataError::worker_panic(
+                                    format!("worker {w} panicked building batch {b}"),
+                                    p.as_ref(),
+                                ))
                             });
                         if tx.send(item).is_err() {
                             break; // the consumer went away
@@ -124,14 +129,24 @@ impl Drop for Pool {
 }
 
 /// The batches of one epoch: an `Iterator<Item = Result<Batch>>` returned by
-/// [`DataLoader::epoch`].
+/// [`DataLoader::epoch`](crate::DataLoader::epoch).
 ///
 /// Batch `b` holds the samples at positions `b * batch_size ..` of the
 /// sampler's order for this epoch. With workers, batches are built ahead on
 /// background threads; dropping the iterator early stops and joins them
 /// (after at most the batch each is building). A failed batch is an `Err`
-/// item; iteration may continue past it.
+/// item; iteration may continue past it. The iterator always yields exactly
+/// `len()` items.
 pub struct Epoch {
+    inner: Inner,
+}
+
+enum Inner {
+    Indexed(Indexed),
+}
+
+/// An epoch over an indexed dataset.
+struct Indexed {
     plan: Arc<Plan>,
     pos: usize,
     workers: usize,
@@ -140,27 +155,17 @@ pub struct Epoch {
 }
 
 impl Epoch {
-    pub(crate) fn new(loader: &DataLoader, epoch: u64) -> Self {
-        let order = loader.batches.sampler().indices(epoch);
-        let plan = Plan {
-            dataset: Arc::clone(&loader.dataset),
-            order,
-            batch_size: loader.batches.batch_size(),
-            num_batches: loader.batches.len(),
-            epoch,
-            device: loader.device.clone(),
-        };
-        let workers = if loader.uses_workers() {
-            loader.num_workers
-        } else {
-            0
-        };
+    /// The iterator over `plan`, on `workers` threads (0 = inline) holding up
+    /// to `prefetch` batches each.
+    pub(crate) fn new(plan: Plan, workers: usize, prefetch: usize) -> Self {
         Self {
-            plan: Arc::new(plan),
-            pos: 0,
-            workers,
-            prefetch: loader.prefetch,
-            pool: None,
+            inner: Inner::Indexed(Indexed {
+                plan: Arc::new(plan),
+                pos: 0,
+                workers,
+                prefetch,
+                pool: None,
+            }),
         }
     }
 
@@ -180,32 +185,46 @@ impl Epoch {
     /// assert_eq!(&full[2..], &tail[..]);
     /// ```
     pub fn skip_to(mut self, batch_index: usize) -> Self {
-        self.pool = None;
-        self.pos = batch_index.min(self.plan.num_batches);
+        match &mut self.inner {
+            Inner::Indexed(e) => {
+                e.pool = None;
+                e.pos = batch_index.min(e.plan.num_batches());
+            }
+        }
         self
     }
 
     /// The epoch number.
     pub fn epoch(&self) -> u64 {
-        self.plan.epoch
+        match &self.inner {
+            Inner::Indexed(e) => e.plan.epoch,
+        }
     }
 
     /// The index of the next batch this iterator will yield.
     pub fn position(&self) -> usize {
-        self.pos
+        match &self.inner {
+            Inner::Indexed(e) => e.pos,
+        }
     }
 
     /// The sample order of this epoch (all batches, including skipped ones).
     pub fn order(&self) -> &[usize] {
-        &self.plan.order
+        match &self.inner {
+            Inner::Indexed(e) => &e.plan.order,
+        }
+    }
+
+    fn num_batches(&self) -> usize {
+        match &self.inner {
+            Inner::Indexed(e) => e.plan.num_batches(),
+        }
     }
 }
 
-impl Iterator for Epoch {
-    type Item = Result<Batch>;
-
-    fn next(&mut self) -> Option<Result<Batch>> {
-        if self.pos >= self.plan.num_batches {
+impl Indexed {
+    fn next_batch(&mut self) -> Option<Result<Batch>> {
+        if self.pos >= self.plan.num_batches() {
             self.pool = None;
             return None;
         }
@@ -219,9 +238,19 @@ impl Iterator for Epoch {
             .get_or_insert_with(|| Pool::spawn(&self.plan, b, self.workers, self.prefetch));
         Some(pool.recv(b))
     }
+}
+
+impl Iterator for Epoch {
+    type Item = Result<Batch>;
+
+    fn next(&mut self) -> Option<Result<Batch>> {
+        match &mut self.inner {
+            Inner::Indexed(e) => e.next_batch(),
+        }
+    }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        let left = self.plan.num_batches - self.pos;
+        let left = self.num_batches() - self.position();
         (left, Some(left))
     }
 }
@@ -230,11 +259,15 @@ impl ExactSizeIterator for Epoch {}
 
 impl std::fmt::Debug for Epoch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (kind, workers) = match &self.inner {
+            Inner::Indexed(e) => ("indexed", e.workers),
+        };
         f.debug_struct("Epoch")
-            .field("epoch", &self.plan.epoch)
-            .field("pos", &self.pos)
-            .field("num_batches", &self.plan.num_batches)
-            .field("workers", &self.workers)
+            .field("kind", &kind)
+            .field("epoch", &self.epoch())
+            .field("pos", &self.position())
+            .field("num_batches", &self.num_batches())
+            .field("workers", &workers)
             .finish()
     }
 }

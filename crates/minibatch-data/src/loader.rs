@@ -5,7 +5,7 @@ use std::sync::Arc;
 use candle_core::Device;
 
 use crate::dataset::Dataset;
-use crate::epoch::Epoch;
+use crate::epoch::{Epoch, Plan};
 use crate::error::{DataError, Result};
 use crate::sampler::{BatchSampler, RandomSampler, Sampler, SequentialSampler};
 
@@ -39,11 +39,12 @@ use crate::sampler::{BatchSampler, RandomSampler, Sampler, SequentialSampler};
 /// ```
 #[derive(Clone)]
 pub struct DataLoader {
-    pub(crate) dataset: Arc<dyn Dataset>,
-    pub(crate) batches: BatchSampler,
-    pub(crate) device: Option<Device>,
-    pub(crate) num_workers: usize,
-    pub(crate) prefetch: usize,
+    dataset: Arc<dyn Dataset>,
+    batches: BatchSampler,
+    device: Option<Device>,
+    num_workers: usize,
+    prefetch: usize,
+    force_workers: bool,
 }
 
 impl DataLoader {
@@ -67,11 +68,7 @@ impl DataLoader {
     /// Samples yielded per epoch: the sampler's length, minus the dropped tail
     /// when `drop_last` is set.
     pub fn num_samples(&self) -> usize {
-        if self.batches.drop_last() {
-            self.batches.len() * self.batches.batch_size()
-        } else {
-            self.batches.sampler().len()
-        }
+        self.batches.num_samples()
     }
     /// Whether the short tail batch is dropped.
     pub fn drop_last(&self) -> bool {
@@ -93,21 +90,32 @@ impl DataLoader {
     pub fn num_workers(&self) -> usize {
         self.num_workers
     }
-    /// Whether epochs really use worker threads: `num_workers > 0`, and either
-    /// the dataset is not an in-memory one (see [`Dataset::is_in_memory`]) or
-    /// batches are moved to an accelerator with [`DataLoaderBuilder::to_device`].
-    ///
-    /// An in-memory gather is faster on the consumer's thread than behind a
-    /// channel, so workers are skipped for it; a host-to-GPU copy, though, is
-    /// worth overlapping with the training step, and the workers do that copy.
+    /// Whether epochs really use worker threads; see
+    /// [`DataLoaderBuilder::num_workers`] for the rule.
     pub fn uses_workers(&self) -> bool {
-        let moves_to_accelerator = self.device.as_ref().is_some_and(|d| !d.is_cpu());
-        self.num_workers > 0 && (!self.dataset.is_in_memory() || moves_to_accelerator)
+        uses_workers(
+            self.num_workers,
+            self.force_workers,
+            self.dataset.as_ref(),
+            self.device.as_ref(),
+        )
     }
     /// The batches of epoch `epoch`, in order. The sample order is computed
     /// here (one sampler call); batches are built lazily as the iterator advances.
     pub fn epoch(&self, epoch: u64) -> Epoch {
-        Epoch::new(self, epoch)
+        let workers = if self.uses_workers() {
+            self.num_workers
+        } else {
+            0
+        };
+        let plan = Plan {
+            dataset: Arc::clone(&self.dataset),
+            batches: self.batches.clone(),
+            order: self.batches.sampler().indices(epoch),
+            epoch,
+            device: self.device.clone(),
+        };
+        Epoch::new(plan, workers, self.prefetch)
     }
 }
 
@@ -118,9 +126,28 @@ impl std::fmt::Debug for DataLoader {
             .field("batches", &self.batches)
             .field("device", &self.device)
             .field("num_workers", &self.num_workers)
+            .field("uses_workers", &self.uses_workers())
             .field("prefetch", &self.prefetch)
             .finish_non_exhaustive()
     }
+}
+
+/// The worker rule: threads run when asked for (`num_workers > 0`) unless the
+/// batches are in-memory gathers that stay on the CPU and workers were not forced.
+fn uses_workers(
+    num_workers: usize,
+    force: bool,
+    dataset: &dyn Dataset,
+    device: Option<&Device>,
+) -> bool {
+    num_workers > 0 && (force || !gathers_inline(dataset, device))
+}
+
+/// Whether batches are cheap in-memory gathers that stay on the CPU: the case
+/// where the loader builds them on the calling thread by default.
+fn gathers_inline(dataset: &dyn Dataset, device: Option<&Device>) -> bool {
+    let moves_to_accelerator = device.is_some_and(|d| !d.is_cpu());
+    dataset.is_in_memory() && !moves_to_accelerator
 }
 
 /// Configures a [`DataLoader`]; see [`DataLoader::builder`].
@@ -134,6 +161,7 @@ pub struct DataLoaderBuilder {
     device: Option<Device>,
     num_workers: usize,
     prefetch: usize,
+    force_workers: bool,
 }
 
 impl DataLoaderBuilder {
@@ -148,6 +176,7 @@ impl DataLoaderBuilder {
             device: None,
             num_workers: 0,
             prefetch: 2,
+            force_workers: false,
         }
     }
     /// Samples per batch (must be >= 1).
@@ -178,10 +207,29 @@ impl DataLoaderBuilder {
         self
     }
     /// Build batches on this many background threads (0 = on the iterating
-    /// thread). Batch order does not depend on it. Ignored for in-memory
-    /// datasets, whose batches are cheaper to gather inline.
+    /// thread). Batch order does not depend on it.
+    ///
+    /// **One exception, by default:** when the dataset is an in-memory one
+    /// ([`Dataset::is_in_memory`]: a [`TensorDataset`](crate::TensorDataset),
+    /// or `Subset`/`ConcatDataset`/`MapBatch` over them) and batches stay on the
+    /// CPU, batches are gathered on the iterating thread anyway: such a gather
+    /// is a row copy, cheaper than handing it to a thread that then competes
+    /// with the training step for the cores (`cargo bench --bench data_loader`
+    /// measures both). [`build`](Self::build) prints a one-line notice to
+    /// stderr the first time this happens in a process;
+    /// [`DataLoader::uses_workers`] tells whether threads run, and
+    /// [`force_workers(true)`](Self::force_workers) runs them regardless.
+    /// Batches moved to an accelerator with [`to_device`](Self::to_device)
+    /// always use the workers, so the host-to-device copy overlaps the step.
     pub fn num_workers(mut self, num_workers: usize) -> Self {
         self.num_workers = num_workers;
+        self
+    }
+    /// Run the `num_workers` threads even for in-memory datasets on the CPU,
+    /// where the loader would otherwise gather batches inline (see
+    /// [`num_workers`](Self::num_workers)). Default `false`.
+    pub fn force_workers(mut self, force: bool) -> Self {
+        self.force_workers = force;
         self
     }
     /// Batches each worker may hold ready ahead of the consumer (>= 1).
@@ -222,12 +270,19 @@ impl DataLoaderBuilder {
             ));
         }
         let batches = BatchSampler::from_arc(sampler, self.batch_size, self.drop_last)?;
+        if self.num_workers > 0
+            && !self.force_workers
+            && gathers_inline(self.dataset.as_ref(), self.device.as_ref())
+        {
+            notice_inline_once(self.num_workers);
+        }
         Ok(DataLoader {
             dataset: self.dataset,
             batches,
             device: self.device,
             num_workers: self.num_workers,
             prefetch: self.prefetch.max(1),
+            force_workers: self.force_workers,
         })
     }
 }
@@ -239,6 +294,21 @@ impl std::fmt::Debug for DataLoaderBuilder {
             .field("shuffle", &self.shuffle)
             .field("drop_last", &self.drop_last)
             .field("num_workers", &self.num_workers)
+            .field("force_workers", &self.force_workers)
             .finish_non_exhaustive()
     }
+}
+
+/// Says once per process that `num_workers` is not used for an in-memory
+/// dataset on the CPU, and how to change that.
+fn notice_inline_once(num_workers: usize) {
+    static NOTICE: std::sync::Once = std::sync::Once::new();
+    NOTICE.call_once(|| {
+        eprintln!(
+            "minibatch-data: num_workers({num_workers}) is not used: batches of an in-memory \
+             dataset on the CPU are gathered on the iterating thread, which is faster; \
+             use DataLoaderBuilder::force_workers(true) to run the threads anyway \
+             (this notice is printed once)"
+        );
+    });
 }

@@ -107,6 +107,60 @@ fn workers_and_resume_do_not_change_order() {
     }
 }
 
+/// In-memory CPU data is gathered inline unless workers are forced; forced
+/// workers really build the batches, in the same order.
+#[test]
+fn in_memory_workers_are_explicit() {
+    /// Appends a column saying whether the batch was built on a worker thread.
+    fn on_worker(
+        b: minibatch_data::Batch,
+        _ctx: minibatch_data::TransformContext<'_>,
+    ) -> minibatch_data::Result<minibatch_data::Batch> {
+        let name = std::thread::current().name().map(str::to_string);
+        let worker = name.is_some_and(|n| n.starts_with("minibatch-worker"));
+        let flag = Tensor::full(u32::from(worker), b.len(), &Device::Cpu)?;
+        let mut t = b.into_tensors();
+        t.push(flag);
+        minibatch_data::Batch::new(t)
+    }
+    let build = |force: bool| {
+        DataLoader::builder(MapBatch::new(numbered(37, &Device::Cpu), on_worker))
+            .batch_size(5)
+            .shuffle(4)
+            .num_workers(2)
+            .force_workers(force)
+            .build()
+            .unwrap()
+    };
+    let flags_and_labels = |l: &DataLoader| -> (Vec<u32>, Vec<u32>) {
+        let mut flags = Vec::new();
+        let mut labels = Vec::new();
+        for b in l.epoch(1) {
+            let t = b.unwrap().into_tensors();
+            labels.extend(t[1].to_vec1::<u32>().unwrap());
+            flags.extend(t[2].to_vec1::<u32>().unwrap());
+        }
+        (flags, labels)
+    };
+    let inline = build(false);
+    assert_eq!(inline.num_workers(), 2);
+    assert!(!inline.uses_workers());
+    let (flags, want) = flags_and_labels(&inline);
+    assert!(flags.iter().all(|&f| f == 0));
+    let forced = build(true);
+    assert!(forced.uses_workers());
+    let (flags, got) = flags_and_labels(&forced);
+    assert!(flags.iter().all(|&f| f == 1));
+    assert_eq!(got, want);
+    // Not in memory: the workers run without forcing.
+    let fnds = DataLoader::builder(numbered_fn(10, &Device::Cpu))
+        .num_workers(1)
+        .build()
+        .unwrap();
+    assert!(fnds.uses_workers());
+    assert!(format!("{fnds:?}").contains("uses_workers: true"));
+}
+
 #[test]
 fn skip_to_after_partial_iteration_restarts_cleanly() {
     let loader = DataLoader::builder(numbered_fn(50, &Device::Cpu))
@@ -441,11 +495,12 @@ proptest! {
 
     #[test]
     fn resume_and_workers_match_uninterrupted(n in 1usize..60, bs in 1usize..9, seed: u64, epoch in 0u64..100, workers in 0usize..4, skip in 0usize..12, drop_last: bool) {
-        let base = DataLoader::builder(numbered(n, &Device::Cpu)).batch_size(bs).shuffle(seed).drop_last(drop_last).build();
-        let Ok(base) = base else {
-            return Ok(());
-        };
+        // The generator only makes valid configurations (n >= 1, bs >= 1), so
+        // a failed build fails the case instead of skipping it.
+        let base = DataLoader::builder(numbered(n, &Device::Cpu)).batch_size(bs).shuffle(seed).drop_last(drop_last)
+            .build().map_err(|e| TestCaseError::fail(format!("valid config rejected: {e}")))?;
         let want = labels(base.epoch(epoch));
+        prop_assert_eq!(want.len(), base.len());
         let loader = DataLoader::builder(numbered_fn(n, &Device::Cpu)).batch_size(bs).shuffle(seed)
             .drop_last(drop_last).num_workers(workers).build().unwrap();
         prop_assert_eq!(labels(loader.epoch(epoch).skip_to(skip)), want[skip.min(want.len())..].to_vec());

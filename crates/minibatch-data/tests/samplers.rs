@@ -165,6 +165,7 @@ proptest! {
         let batches = s.batches(1);
         prop_assert_eq!(batches.len(), s.len());
         let flat: Vec<usize> = batches.iter().flatten().copied().collect();
+        prop_assert_eq!(s.num_samples(), flat.len());
         let order = RandomSampler::new(n, seed).indices(1);
         prop_assert_eq!(&flat[..], &order[..flat.len()]);
         for b in &batches[..batches.len().saturating_sub(1)] {

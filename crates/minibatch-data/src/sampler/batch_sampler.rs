@@ -66,7 +66,18 @@ impl BatchSampler {
     pub fn sampler(&self) -> &Arc<dyn Sampler> {
         &self.sampler
     }
+    /// Samples per epoch: the sampler's length, minus the dropped tail when
+    /// `drop_last` is set.
+    pub fn num_samples(&self) -> usize {
+        if self.drop_last {
+            self.len() * self.batch_size
+        } else {
+            self.sampler.len()
+        }
+    }
     /// The range of positions in `order` that batch `b` covers (`b < len()`).
+    /// This is the one place where batch bounds are computed: the
+    /// [`DataLoader`](crate::DataLoader) cuts every epoch with it.
     pub fn batch_range(&self, b: usize, order_len: usize) -> std::ops::Range<usize> {
         let start = (b * self.batch_size).min(order_len);
         start..(start + self.batch_size).min(order_len)
