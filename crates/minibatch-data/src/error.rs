@@ -74,6 +74,128 @@ pub enum DataError {
     /// A background worker thread panicked or vanished.
     #[error("data loader worker failed: {0}")]
     Worker(String),
+    /// A malformed data file (safetensors, npy, token, CSV, parquet): its
+    /// header or layout does not describe its bytes.
+    #[error("invalid {format} file {path}: {problem}")]
+    InvalidFile {
+        /// The file.
+        path: PathBuf,
+        /// The format it was read as (`"safetensors"`, `"npy"`, ...).
+        format: &'static str,
+        /// What is wrong with it (boxed to keep `DataError` small).
+        problem: Box<FileProblem>,
+    },
+    /// A tensor or column asked for by name is not in the file.
+    #[error("{path} has no {what} `{name}`; it has: {available}")]
+    MissingColumn {
+        /// The file.
+        path: PathBuf,
+        /// `"tensor"` or `"column"`.
+        what: &'static str,
+        /// The name asked for.
+        name: String,
+        /// The names the file does have, comma-separated.
+        available: String,
+    },
+    /// A value in a table that is missing or not a number (CSV: 1-based line,
+    /// counting the header; parquet: 0-based row).
+    #[error("{path}: {row_kind} {row}, column `{column}`: {problem}")]
+    BadValue {
+        /// The file.
+        path: PathBuf,
+        /// `"line"` (CSV) or `"row"` (parquet).
+        row_kind: &'static str,
+        /// The line or row.
+        row: u64,
+        /// The column name.
+        column: String,
+        /// What is wrong (`missing value`, `` `abc` is not a number``).
+        problem: String,
+    },
+    /// An image that could not be opened or decoded.
+    #[error("cannot decode image {path}: {reason}")]
+    Image {
+        /// The image file.
+        path: PathBuf,
+        /// The decoder's message.
+        reason: String,
+    },
+}
+
+/// What is wrong with a data file; carried by [`DataError::InvalidFile`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FileProblem {
+    /// The file ends before its header says it should.
+    #[error("truncated: needs {needed} bytes, has {actual}")]
+    Truncated {
+        /// Bytes the header requires.
+        needed: u64,
+        /// Bytes present.
+        actual: u64,
+    },
+    /// Bytes after the end of the data the header describes.
+    #[error("{extra} trailing bytes after the data the header describes")]
+    TrailingBytes {
+        /// How many.
+        extra: u64,
+    },
+    /// The file does not start with the format's magic bytes.
+    #[error("wrong magic {found:02x?}, expected {expected}")]
+    BadMagic {
+        /// The magic of the format.
+        expected: &'static str,
+        /// The first bytes of the file.
+        found: Vec<u8>,
+    },
+    /// A header that cannot be parsed or contradicts itself.
+    #[error("malformed header: {0}")]
+    Header(String),
+    /// A tensor whose data offsets fall outside the data section.
+    #[error("tensor `{tensor}`: data offsets {begin}..{end} out of range of the {len}-byte data section")]
+    OffsetsOutOfRange {
+        /// The tensor.
+        tensor: String,
+        /// Start offset.
+        begin: u64,
+        /// End offset.
+        end: u64,
+        /// Length of the data section.
+        len: u64,
+    },
+    /// Two tensors whose byte ranges overlap.
+    #[error("tensors `{first}` and `{second}` overlap")]
+    Overlap {
+        /// One tensor.
+        first: String,
+        /// The other.
+        second: String,
+    },
+    /// A tensor whose byte count is not its element count times its dtype size.
+    #[error("tensor `{tensor}`: shape {shape:?} of {dtype} needs {expected} bytes but its data has {actual}")]
+    SizeMismatch {
+        /// The tensor.
+        tensor: String,
+        /// Its dtype, as the file spells it.
+        dtype: String,
+        /// Its shape.
+        shape: Vec<usize>,
+        /// `product(shape) * size_of(dtype)`.
+        expected: u64,
+        /// The bytes its offsets span (or the file holds).
+        actual: u64,
+    },
+    /// A dtype candle has no equivalent for.
+    #[error("tensor `{tensor}`: dtype {dtype} is not supported (supported: u8, bool as u8, i16, i32, i64, u32, f16, bf16, f32, f64)")]
+    UnsupportedDtype {
+        /// The tensor.
+        tensor: String,
+        /// Its dtype, as the file spells it.
+        dtype: String,
+    },
+    /// A decoder's error (CSV syntax, parquet pages).
+    #[error("{0}")]
+    Decode(String),
 }
 
 /// The result type of the data crate.
