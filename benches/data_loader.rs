@@ -9,18 +9,25 @@
 //!    step on each batch (an MLP 784-128-10 forward, two candle matmuls), inline
 //!    against 2 forced workers: whether threads that gather ahead pay off once
 //!    the step competes with them for the cores.
+//! 3. `stream_csv_8192_b64`: a `StreamDataset` of 8192 MNIST rows stored as
+//!    CSV text lines in 8 shards, parsed to f32 on the loader's threads and
+//!    shuffled through a 1000-item buffer, with 0 and 2 workers, against a
+//!    plain single-threaded loop that parses and stacks the same lines.
 //!
 //! Run: `cargo bench --bench data_loader`
 
 use std::hint::black_box;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion};
-use minibatch_data::{mnist, DataLoader, Dataset};
+use minibatch_data::{mnist, DataLoader, Dataset, Sample, ShardIter, StreamDataset};
 
 const BATCH: usize = 64;
+const STREAM_ROWS: usize = 8192;
+const SHARDS: usize = 8;
 
 fn bench(c: &mut Criterion) {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/mnist");
@@ -114,6 +121,98 @@ fn bench(c: &mut Criterion) {
     });
     g.bench_function("forced_2_workers", |b| {
         b.iter(|| threaded.epoch(0).for_each(|batch| step(batch.unwrap())))
+    });
+    g.finish();
+
+    stream_bench(c, &xs, &ys, width);
+}
+
+/// MNIST rows as CSV lines: `label,p0,p1,...,p783` with pixels as 0..=255 integers.
+fn csv_lines(xs: &[f32], ys: &[u32], width: usize, rows: usize) -> Vec<String> {
+    (0..rows)
+        .map(|i| {
+            let mut line = ys[i].to_string();
+            for v in &xs[i * width..(i + 1) * width] {
+                line.push(',');
+                line.push_str(&((v * 255.0).round() as u8).to_string());
+            }
+            line
+        })
+        .collect()
+}
+
+/// Parses one CSV line into `(pixels / 255, label)`.
+fn parse(line: &str, width: usize) -> (Vec<f32>, u32) {
+    let mut fields = line.split(',');
+    let label: u32 = fields.next().unwrap().parse().unwrap();
+    let mut px = Vec::with_capacity(width);
+    px.extend(fields.map(|f| f.parse::<u8>().unwrap() as f32 / 255.0));
+    (px, label)
+}
+
+fn stream_bench(c: &mut Criterion, xs: &[f32], ys: &[u32], width: usize) {
+    let lines: Arc<Vec<String>> = Arc::new(csv_lines(xs, ys, width, STREAM_ROWS));
+    let per_shard = STREAM_ROWS / SHARDS;
+    let make = |workers: usize| {
+        let lines = Arc::clone(&lines);
+        let stream = StreamDataset::new(vec![per_shard; SHARDS], move |s| {
+            let lines = Arc::clone(&lines);
+            let it = (s * per_shard..(s + 1) * per_shard).map(move |i| {
+                let (px, label) = parse(&lines[i], width);
+                Ok(Sample::pair(
+                    Tensor::from_vec(px, width, &Device::Cpu)?,
+                    Tensor::new(label, &Device::Cpu)?,
+                ))
+            });
+            Ok(Box::new(it) as ShardIter)
+        })
+        .unwrap()
+        .shuffle_buffer(1000)
+        .unwrap();
+        DataLoader::builder(stream)
+            .batch_size(BATCH)
+            .shuffle(42)
+            .num_workers(workers)
+            .prefetch(4)
+            .build()
+            .unwrap()
+    };
+    let inline = make(0);
+    let two = make(2);
+    let mut g = c.benchmark_group("stream_csv_8192_b64");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_secs(2))
+        .measurement_time(Duration::from_secs(8));
+    g.bench_function("stream_0_workers", |b| {
+        b.iter(|| {
+            inline
+                .epoch(0)
+                .for_each(|batch| drop(black_box(batch.unwrap())))
+        })
+    });
+    g.bench_function("stream_2_workers", |b| {
+        b.iter(|| {
+            two.epoch(0)
+                .for_each(|batch| drop(black_box(batch.unwrap())))
+        })
+    });
+    // Baseline: parse the same lines in file order and stack batches of 64, one thread.
+    g.bench_function("plain_parse_and_stack", |b| {
+        b.iter(|| {
+            for chunk in lines.chunks(BATCH) {
+                let mut x = Vec::with_capacity(chunk.len() * width);
+                let mut y = Vec::with_capacity(chunk.len());
+                for line in chunk {
+                    let (px, label) = parse(line, width);
+                    x.extend_from_slice(&px);
+                    y.push(label);
+                }
+                black_box((
+                    Tensor::from_vec(x, (chunk.len(), width), &Device::Cpu).unwrap(),
+                    Tensor::from_vec(y, chunk.len(), &Device::Cpu).unwrap(),
+                ));
+            }
+        })
     });
     g.finish();
 }

@@ -1,4 +1,5 @@
 //! `Epoch`: the batch iterator of one epoch, with optional worker threads.
+//! Indexed datasets are handled here; streams in `stream_epoch`.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,6 +13,7 @@ use crate::batch::Batch;
 use crate::dataset::Dataset;
 use crate::error::{DataError, Result};
 use crate::sampler::BatchSampler;
+use crate::stream_epoch::{StreamEpoch, StreamPlan};
 
 /// What every batch of one epoch needs; built by the
 /// [`DataLoader`](crate::DataLoader) and shared with worker threads.
@@ -132,9 +134,10 @@ impl Drop for Pool {
 /// [`DataLoader::epoch`](crate::DataLoader::epoch).
 ///
 /// Batch `b` holds the samples at positions `b * batch_size ..` of the
-/// sampler's order for this epoch. With workers, batches are built ahead on
-/// background threads; dropping the iterator early stops and joins them
-/// (after at most the batch each is building). A failed batch is an `Err`
+/// epoch's order (the sampler's, or for a [`StreamDataset`](crate::StreamDataset)
+/// the stream's). With workers, batches (or a stream's items) are built ahead
+/// on background threads; dropping the iterator early stops and joins them
+/// (after at most the item each is building). A failed batch is an `Err`
 /// item; iteration may continue past it. The iterator always yields exactly
 /// `len()` items.
 pub struct Epoch {
@@ -143,6 +146,7 @@ pub struct Epoch {
 
 enum Inner {
     Indexed(Indexed),
+    Stream(Box<StreamEpoch>),
 }
 
 /// An epoch over an indexed dataset.
@@ -169,11 +173,23 @@ impl Epoch {
         }
     }
 
+    /// The iterator over a stream epoch.
+    pub(crate) fn stream(plan: StreamPlan) -> Self {
+        Self {
+            inner: Inner::Stream(Box::new(StreamEpoch::new(plan))),
+        }
+    }
+
     /// Continues from batch `batch_index` (counted from the start of the
     /// epoch): the iterator then yields exactly the batches an uninterrupted
     /// run would yield from that index on, without building the skipped ones.
     /// An index `>= len()` of the loader yields nothing. Any worker threads
     /// already running are stopped and restarted at the new position.
+    ///
+    /// For a [`StreamDataset`](crate::StreamDataset) the items of the skipped
+    /// batches are read again from the start of the stream (a deterministic
+    /// replay) but not collated; a pass already running and not yet past the
+    /// new position just reads on.
     ///
     /// ```
     /// # use candle_core::{Device, Tensor};
@@ -190,6 +206,7 @@ impl Epoch {
                 e.pool = None;
                 e.pos = batch_index.min(e.plan.num_batches());
             }
+            Inner::Stream(e) => e.skip_to(batch_index),
         }
         self
     }
@@ -198,6 +215,7 @@ impl Epoch {
     pub fn epoch(&self) -> u64 {
         match &self.inner {
             Inner::Indexed(e) => e.plan.epoch,
+            Inner::Stream(e) => e.epoch(),
         }
     }
 
@@ -205,19 +223,26 @@ impl Epoch {
     pub fn position(&self) -> usize {
         match &self.inner {
             Inner::Indexed(e) => e.pos,
+            Inner::Stream(e) => e.position(),
         }
     }
 
-    /// The sample order of this epoch (all batches, including skipped ones).
+    /// The sample order of this epoch (all batches, including skipped ones):
+    /// the sampler's dataset indices. For a [`StreamDataset`](crate::StreamDataset)
+    /// it is the item ids ([`StreamDataset::item_id`](crate::StreamDataset::item_id))
+    /// in the order this rank reads them, replayed from the shard lengths on
+    /// the first call (O(items) time and memory, nothing read).
     pub fn order(&self) -> &[usize] {
         match &self.inner {
             Inner::Indexed(e) => &e.plan.order,
+            Inner::Stream(e) => e.order(),
         }
     }
 
     fn num_batches(&self) -> usize {
         match &self.inner {
             Inner::Indexed(e) => e.plan.num_batches(),
+            Inner::Stream(e) => e.num_batches(),
         }
     }
 }
@@ -246,6 +271,7 @@ impl Iterator for Epoch {
     fn next(&mut self) -> Option<Result<Batch>> {
         match &mut self.inner {
             Inner::Indexed(e) => e.next_batch(),
+            Inner::Stream(e) => e.next_batch(),
         }
     }
 
@@ -261,6 +287,7 @@ impl std::fmt::Debug for Epoch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let (kind, workers) = match &self.inner {
             Inner::Indexed(e) => ("indexed", e.workers),
+            Inner::Stream(e) => ("stream", e.workers()),
         };
         f.debug_struct("Epoch")
             .field("kind", &kind)

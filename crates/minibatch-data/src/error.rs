@@ -74,6 +74,27 @@ pub enum DataError {
     /// A background worker thread panicked or vanished.
     #[error("data loader worker failed: {0}")]
     Worker(String),
+    /// Random access (`get`, `get_batch`) on a dataset that can only be read
+    /// in order, such as a [`StreamDataset`](crate::StreamDataset).
+    #[error("not indexable: {0}")]
+    NotIndexable(String),
+    /// A [`StreamDataset`](crate::StreamDataset) shard yielded fewer or more
+    /// items than its declared length.
+    #[error("stream shard {shard} {}", stream_length_detail(*.declared, *.yielded, *.more))]
+    StreamLength {
+        /// The shard.
+        shard: usize,
+        /// Its declared (or counted) length.
+        declared: usize,
+        /// Items it yielded before the mismatch was seen (`declared + 1` when it had more).
+        yielded: usize,
+        /// Whether it had more items than declared (else it ended early).
+        more: bool,
+    },
+    /// A stream epoch stopped at an earlier batch (a shard that failed to
+    /// open, a length mismatch, a worker panic); this batch was not read.
+    #[error("stream stopped: {0}")]
+    StreamAborted(String),
     /// A malformed data file (safetensors, npy, token, CSV, parquet): its
     /// header or layout does not describe its bytes.
     #[error("invalid {format} file {path}: {problem}")]
@@ -196,6 +217,14 @@ pub enum FileProblem {
     /// A decoder's error (CSV syntax, parquet pages).
     #[error("{0}")]
     Decode(String),
+}
+
+fn stream_length_detail(declared: usize, yielded: usize, more: bool) -> String {
+    if more {
+        format!("yielded more than its declared {declared} items")
+    } else {
+        format!("ended after {yielded} items, but its declared length is {declared}")
+    }
 }
 
 /// The result type of the data crate.

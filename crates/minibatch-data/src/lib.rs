@@ -53,6 +53,9 @@ pub mod rng;
 mod safetensors_dataset;
 pub mod sampler;
 mod split;
+mod stream;
+mod stream_epoch;
+mod stream_order;
 mod subset;
 mod tensor_dataset;
 mod token_windows;
@@ -76,6 +79,7 @@ pub use sampler::{
     SubsetRandomSampler, WeightedRandomSampler,
 };
 pub use split::{random_split, split_lengths, SplitSizes};
+pub use stream::{ShardIter, StreamDataset};
 pub use subset::Subset;
 pub use tensor_dataset::TensorDataset;
 pub use token_windows::{TokenDType, TokenWindows, OFFSET_STREAM};

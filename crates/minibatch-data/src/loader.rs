@@ -8,6 +8,8 @@ use crate::dataset::Dataset;
 use crate::epoch::{Epoch, Plan};
 use crate::error::{DataError, Result};
 use crate::sampler::{BatchSampler, RandomSampler, Sampler, SequentialSampler};
+use crate::stream::StreamDataset;
+use crate::stream_epoch::StreamPlan;
 
 /// Turns a [`Dataset`] into seeded, shuffled, resumable mini-batches
 /// (PyTorch's `DataLoader`).
@@ -41,6 +43,8 @@ use crate::sampler::{BatchSampler, RandomSampler, Sampler, SequentialSampler};
 pub struct DataLoader {
     dataset: Arc<dyn Dataset>,
     batches: BatchSampler,
+    /// Set when `dataset` is a stream, read in order with this shuffle seed.
+    stream: Option<(StreamDataset, Option<u64>)>,
     device: Option<Device>,
     num_workers: usize,
     prefetch: usize,
@@ -78,7 +82,9 @@ impl DataLoader {
     pub fn dataset(&self) -> &Arc<dyn Dataset> {
         &self.dataset
     }
-    /// The sampler that orders each epoch.
+    /// The sampler that orders each epoch. For a [`StreamDataset`] it is a
+    /// [`SequentialSampler`] over the positions `0..len` of the rank's stream:
+    /// the stream orders itself.
     pub fn sampler(&self) -> &Arc<dyn Sampler> {
         self.batches.sampler()
     }
@@ -108,6 +114,17 @@ impl DataLoader {
         } else {
             0
         };
+        if let Some((stream, seed)) = &self.stream {
+            return Epoch::stream(StreamPlan {
+                stream: stream.clone(),
+                seed: *seed,
+                epoch,
+                batches: self.batches.clone(),
+                device: self.device.clone(),
+                workers,
+                prefetch: self.prefetch,
+            });
+        }
         let plan = Plan {
             dataset: Arc::clone(&self.dataset),
             batches: self.batches.clone(),
@@ -184,13 +201,16 @@ impl DataLoaderBuilder {
         self.batch_size = batch_size;
         self
     }
-    /// Shuffle every epoch with a [`RandomSampler`] seeded by `seed`.
-    /// Cannot be combined with [`sampler`](Self::sampler).
+    /// Shuffle every epoch with a [`RandomSampler`] seeded by `seed` (for a
+    /// [`StreamDataset`]: permute its shards and shuffle through its buffer
+    /// with `seed`). Cannot be combined with [`sampler`](Self::sampler).
     pub fn shuffle(mut self, seed: u64) -> Self {
         self.shuffle = Some(seed);
         self
     }
-    /// Use `sampler` to order each epoch. Cannot be combined with [`shuffle`](Self::shuffle).
+    /// Use `sampler` to order each epoch. Cannot be combined with
+    /// [`shuffle`](Self::shuffle), nor used with a [`StreamDataset`] (which
+    /// has no random access; shard it with [`StreamDataset::distributed`]).
     pub fn sampler(mut self, sampler: impl Sampler + 'static) -> Self {
         self.sampler = Some(Arc::new(sampler));
         self
@@ -255,7 +275,17 @@ impl DataLoaderBuilder {
             ));
         }
         let n = self.dataset.len();
+        let stream = self.dataset.as_stream().cloned();
+        if stream.is_some() && self.sampler.is_some() {
+            return Err(DataError::InvalidConfig(
+                "a StreamDataset is read in order and cannot take a sampler; use shuffle(seed) \
+                 and StreamDataset::shuffle_buffer / distributed"
+                    .into(),
+            ));
+        }
         let sampler: Arc<dyn Sampler> = match (self.shuffle, self.sampler) {
+            // A stream orders itself; the loader cuts its positions into batches.
+            _ if stream.is_some() => Arc::new(SequentialSampler::new(n)),
             (Some(_), Some(_)) => return Err(DataError::InvalidConfig(
                 "shuffle(seed) and sampler(..) are mutually exclusive; put the seed in the sampler"
                     .into(),
@@ -279,6 +309,7 @@ impl DataLoaderBuilder {
         Ok(DataLoader {
             dataset: self.dataset,
             batches,
+            stream: stream.map(|s| (s, self.shuffle)),
             device: self.device,
             num_workers: self.num_workers,
             prefetch: self.prefetch.max(1),
