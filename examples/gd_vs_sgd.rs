@@ -99,7 +99,7 @@ fn main() -> Result<()> {
         let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
         // same initial weights for every run
         let fc = linear(784, 10, vb.pp("fc"))?;
-        for (_, v) in vm.data().lock().unwrap().iter() {
+        for (_, v) in minibatch_optim::varmap_vars(&vm)? {
             v.set(&v.zeros_like()?)?;
         }
         let peak = Rc::new(Cell::new(0usize));

@@ -101,7 +101,7 @@ struct Args {
     checkpoint_dir: Option<PathBuf>,
     #[arg(long)]
     checkpoint_every: Option<u64>,
-    /// continue from the latest checkpoint in --checkpoint-dir
+    /// continue from the newest intact checkpoint in --checkpoint-dir
     #[arg(long)]
     resume: bool,
     /// stop after this many optimizer steps in total (e.g. to try --resume)
@@ -157,14 +157,13 @@ impl ModuleT for Net {
 /// PyTorch's default init (uniform +-1/sqrt(fan_in) for weights and biases),
 /// drawn from a seeded ChaCha8 stream so runs are reproducible.
 fn seeded_init(vm: &VarMap, seed: u64) -> Result<()> {
-    let data = vm.data().lock().unwrap();
-    let mut names: Vec<&String> = data.keys().collect();
-    names.sort();
+    let vars = minibatch_optim::varmap_vars(vm)?; // sorted by name
+    let dims: std::collections::HashMap<&str, &[usize]> =
+        vars.iter().map(|(n, v)| (n.as_str(), v.dims())).collect();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
-    for name in names {
-        let var = &data[name];
+    for (name, var) in &vars {
         let wname = name.replace(".bias", ".weight");
-        let fan_in: usize = data[&wname].dims()[1..].iter().product();
+        let fan_in: usize = dims[wname.as_str()][1..].iter().product();
         let bound = 1.0 / (fan_in as f32).sqrt();
         let vals: Vec<f32> = (0..var.elem_count())
             .map(|_| rng.random_range(-bound..bound))
@@ -314,13 +313,13 @@ fn main() -> Result<()> {
         a.schedule,
         device
     );
-    let mut b = Trainer::builder_boxed(net, vm, train_loader, opt)
+    let mut b = Trainer::builder(net, vm, train_loader, opt)
         .val_loader(test_loader)
         .epochs(epochs)
         .progress(ProgressMode::Auto)
         .out_dir(&a.out_dir);
     if let Some((s, every)) = sched {
-        b = b.boxed_scheduler(s, every);
+        b = b.scheduler(s, every);
     }
     if let Some(n) = a.max_steps {
         b = b.max_steps(n);
@@ -334,7 +333,8 @@ fn main() -> Result<()> {
             b = b.checkpoint_every_steps(n);
         }
         if a.resume {
-            b = b.resume_from(dir);
+            // corrupt checkpoints are skipped, with a warning naming each
+            b = b.resume_from_latest_valid(dir);
         }
     } else if a.resume {
         bail!("--resume needs --checkpoint-dir");

@@ -137,7 +137,7 @@ fn trainer(
     };
     let vm2 = vm.clone();
     let mut b = Trainer::builder(model, vm, loader(dev, 32, s.workers), opt)
-        .boxed_scheduler(sched, every)
+        .scheduler(sched, every)
         .accumulate(s.accumulate)
         .epochs(3)
         .progress(ProgressMode::Silent)

@@ -112,3 +112,72 @@ pub trait Optimizer: Send {
     /// The optimizer's name (`"SGD"`, `"Adam"`...).
     fn name(&self) -> &str;
 }
+
+/// A boxed optimizer is an optimizer, so functions generic over
+/// `impl Optimizer` (such as `minibatch_train::Trainer::builder`) also take a
+/// `Box<dyn Optimizer>` chosen at run time. Every method is forwarded,
+/// default ones included, so the boxed optimizer's own overrides apply.
+///
+/// ```
+/// use candle_core::{Device, Var};
+/// use minibatch_optim::{Optimizer, Sgd, SgdConfig};
+/// let w = Var::new(&[1f32], &Device::Cpu)?;
+/// let config = SgdConfig { lr: 0.1, momentum: 0.9, ..Default::default() };
+/// let opt: Box<dyn Optimizer> = Box::new(Sgd::new(vec![w], config)?);
+/// fn describe(opt: &impl Optimizer) -> (String, Option<f64>) {
+///     (opt.name().to_string(), opt.momentum(0))
+/// }
+/// // SGD's own momentum(), not the trait's default None
+/// assert_eq!(describe(&opt), ("SGD".to_string(), Some(0.9)));
+/// # Ok::<(), minibatch_optim::OptimError>(())
+/// ```
+impl<O: Optimizer + ?Sized> Optimizer for Box<O> {
+    fn step(&mut self, grads: &GradStore) -> Result<()> {
+        (**self).step(grads)
+    }
+    fn backward_step(&mut self, loss: &Tensor) -> Result<()> {
+        (**self).backward_step(loss)
+    }
+    fn learning_rate(&self) -> f64 {
+        (**self).learning_rate()
+    }
+    fn set_learning_rate(&mut self, lr: f64) {
+        (**self).set_learning_rate(lr)
+    }
+    fn group_lr(&self, group: usize) -> Option<f64> {
+        (**self).group_lr(group)
+    }
+    fn set_group_lr(&mut self, group: usize, lr: f64) -> Result<()> {
+        (**self).set_group_lr(group, lr)
+    }
+    fn momentum(&self, group: usize) -> Option<f64> {
+        (**self).momentum(group)
+    }
+    fn set_momentum(&mut self, group: usize, momentum: f64) -> Result<()> {
+        (**self).set_momentum(group, momentum)
+    }
+    fn param_groups(&self) -> &[ParamGroup] {
+        (**self).param_groups()
+    }
+    fn set_initial_lr(&mut self, group: usize, lr: f64) -> Result<()> {
+        (**self).set_initial_lr(group, lr)
+    }
+    fn state_bytes(&self) -> Result<Vec<u8>> {
+        (**self).state_bytes()
+    }
+    fn load_state_bytes(&mut self, bytes: &[u8]) -> Result<()> {
+        (**self).load_state_bytes(bytes)
+    }
+    fn save_state(&self, path: &Path) -> Result<()> {
+        (**self).save_state(path)
+    }
+    fn load_state(&mut self, path: &Path) -> Result<()> {
+        (**self).load_state(path)
+    }
+    fn vars(&self) -> Vec<Var> {
+        (**self).vars()
+    }
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+}

@@ -117,22 +117,14 @@ impl<M: Model> TrainerBuilder<M> {
         self.val = Some(loader);
         self
     }
-    /// A learning-rate schedule and when to step it.
+    /// A learning-rate schedule (any [`LrScheduler`], a `Box<dyn LrScheduler>`
+    /// included) and when to step it.
     pub fn scheduler(
         mut self,
         scheduler: impl LrScheduler + 'static,
         every: ScheduleEvery,
     ) -> Self {
         self.scheduler = Some((Box::new(scheduler), every));
-        self
-    }
-    /// A boxed learning-rate schedule and when to step it.
-    pub fn boxed_scheduler(
-        mut self,
-        scheduler: Box<dyn LrScheduler>,
-        every: ScheduleEvery,
-    ) -> Self {
-        self.scheduler = Some((scheduler, every));
         self
     }
     /// Gradient clipping before each step.

@@ -115,30 +115,21 @@ pub struct Trainer<M> {
 impl<M: Model> Trainer<M> {
     /// Starts a builder from the four things every run needs: the model, the
     /// `VarMap` holding its weights (saved in checkpoints), the training
-    /// loader and the optimizer (any [`Optimizer`], boxed or not). The
-    /// optimizer's parameters must be in the `VarMap` (checked at build);
-    /// parameters of the `VarMap` it does not hold are frozen.
+    /// loader and the optimizer: any [`Optimizer`], a `Box<dyn Optimizer>`
+    /// chosen at run time included. The optimizer's parameters must be in
+    /// the `VarMap` (checked at build); parameters of the `VarMap` it does
+    /// not hold are frozen.
     pub fn builder(
         model: M,
         varmap: VarMap,
         train: DataLoader,
         optimizer: impl Optimizer + 'static,
     ) -> TrainerBuilder<M> {
-        Self::builder_boxed(model, varmap, train, Box::new(optimizer))
-    }
-
-    /// [`Trainer::builder`] with an already boxed optimizer.
-    pub fn builder_boxed(
-        model: M,
-        varmap: VarMap,
-        train: DataLoader,
-        optimizer: Box<dyn Optimizer>,
-    ) -> TrainerBuilder<M> {
         TrainerBuilder {
             model,
             varmap,
             train,
-            optimizer,
+            optimizer: Box::new(optimizer),
             loss: None,
             step: None,
             val: None,

@@ -60,7 +60,9 @@ fn net(dev: &Device, layer_norm: bool) -> (Net, VarMap) {
 fn trainer(layer_norm: bool, allow: bool) -> minibatch_train::Result<Trainer<Net>> {
     let dev = Device::Cpu;
     let (model, vm) = net(&dev, layer_norm);
-    let opt = Sgd::from_varmap(&vm, SgdConfig::default()).unwrap();
+    // a boxed optimizer, as chosen at run time, goes to the same builder
+    let opt: Box<dyn minibatch_optim::Optimizer> =
+        Box::new(Sgd::from_varmap(&vm, SgdConfig::default()).unwrap());
     let mut b = Trainer::builder(model, vm, loader(&dev), opt)
         .epochs(2)
         .progress(ProgressMode::Silent);

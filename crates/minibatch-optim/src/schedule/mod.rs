@@ -69,6 +69,29 @@ pub trait LrScheduler: Send {
     }
 }
 
+/// A boxed schedule is a schedule (every method forwarded), so functions
+/// generic over `impl LrScheduler` also take a `Box<dyn LrScheduler>`.
+impl<S: LrScheduler + ?Sized> LrScheduler for Box<S> {
+    fn step(&mut self, opt: &mut dyn Optimizer) -> Result<()> {
+        (**self).step(opt)
+    }
+    fn step_with_metric(&mut self, opt: &mut dyn Optimizer, metric: f64) -> Result<()> {
+        (**self).step_with_metric(opt, metric)
+    }
+    fn last_lr(&self) -> Vec<f64> {
+        (**self).last_lr()
+    }
+    fn state(&self) -> serde_json::Value {
+        (**self).state()
+    }
+    fn load_state(&mut self, state: &serde_json::Value) -> Result<()> {
+        (**self).load_state(state)
+    }
+    fn restart(&mut self, opt: &mut dyn Optimizer) -> Result<()> {
+        (**self).restart(opt)
+    }
+}
+
 /// The shared part of the closed-form schedules: per-group bases, epoch
 /// counter, latest lrs.
 #[derive(Debug, Clone)]
