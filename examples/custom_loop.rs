@@ -1,5 +1,6 @@
 //! Your own training loop from minibatch's pieces: a seeded DataLoader, an
-//! optimizer, gradient clipping and a per-step OneCycle schedule, plus
+//! optimizer, gradient clipping and a per-step OneCycle schedule, the
+//! trainer's gradient guard (`params_without_grad`) at the first step, and
 //! `minibatch_train::evaluate` for the test set. No Trainer involved.
 //!
 //! `cargo run --release --example custom_loop`
@@ -10,7 +11,7 @@ use candle_nn::{VarBuilder, VarMap};
 use minibatch_data::{mnist, DataLoader, Dataset, Subset};
 use minibatch_optim::{clip_grad_norm, LrScheduler, Norm, OneCycleLR, Optimizer, Sgd, SgdConfig};
 use minibatch_train::linear;
-use minibatch_train::{evaluate, Accuracy, Metric};
+use minibatch_train::{cross_entropy, evaluate, params_without_grad, Accuracy, Metric};
 use std::sync::Arc;
 
 fn main() -> Result<()> {
@@ -44,12 +45,21 @@ fn main() -> Result<()> {
     let mut sched = OneCycleLR::new(&mut opt, 0.1, epochs * loader.len() as u64)?;
     let vars = opt.vars();
 
+    let mut first_step = true;
     for epoch in 0..epochs {
         let (mut sum, mut n, mut max_norm) = (0.0f64, 0usize, 0.0f64);
         for batch in loader.epoch(epoch) {
             let (x, y) = batch?.into_pair()?;
-            let loss = candle_nn::loss::cross_entropy(&model(&x)?, &y)?;
+            let loss = cross_entropy(&model(&x)?, &y)?;
             let mut grads = loss.backward()?;
+            if first_step {
+                // What the Trainer checks at its first step: every parameter got a
+                // gradient (candle-nn's fused norms, softmax_last_dim and rope drop
+                // them silently).
+                let missing = params_without_grad(&vm, &grads)?;
+                anyhow::ensure!(missing.is_empty(), "no gradient reaches {missing:?}");
+                first_step = false;
+            }
             let norm = clip_grad_norm(&mut grads, &vars, 1.0, Norm::L2)?; // norm before clipping
             opt.step(&grads)?;
             sched.step(&mut opt)?;
@@ -58,12 +68,7 @@ fn main() -> Result<()> {
             max_norm = max_norm.max(norm);
         }
         let mut metrics: Vec<Box<dyn Metric>> = vec![Box::new(Accuracy::default())];
-        let ev = evaluate(
-            &model,
-            &test_loader,
-            &candle_nn::loss::cross_entropy,
-            &mut metrics,
-        )?;
+        let ev = evaluate(&model, &test_loader, &cross_entropy, &mut metrics)?;
         println!(
             "epoch {}: train loss {:.4} (largest grad norm {max_norm:.2}), test loss {:.4}, test accuracy {:.2}%, lr now {:.2e}",
             epoch + 1,
