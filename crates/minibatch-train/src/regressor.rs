@@ -189,6 +189,63 @@ impl MiniBatchRegressor {
     }
 }
 
+impl MiniBatchRegressor {
+    /// The coefficient of determination of the predictions for `x` against
+    /// `y` (scikit-learn's `score`, `r2_score`):
+    ///
+    /// R² = 1 − Σᵢ (yᵢ − ŷᵢ)² / Σᵢ (yᵢ − ȳ)²
+    ///
+    /// computed in f64. 1 is a perfect fit, 0 is no better than predicting the
+    /// mean, and it is negative for worse. A constant `y` gives 1 for a
+    /// perfect fit and 0 otherwise (scikit-learn's `force_finite`).
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use minibatch_train::MiniBatchRegressor;
+    /// let dev = Device::Cpu;
+    /// let x = Tensor::new(&[[0f32], [1.], [2.], [3.]], &dev)?;
+    /// let y = Tensor::new(&[1f32, 3., 5., 7.], &dev)?;
+    /// let mut reg = MiniBatchRegressor::new().lr(0.05).epochs(500).batch_size(2);
+    /// reg.fit(&x, &y)?;
+    /// assert!(reg.score(&x, &y)? > 0.999);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn score(&self, x: &Tensor, y: &Tensor) -> Result<f64> {
+        let pred = self.predict(x)?;
+        if y.elem_count() != pred.elem_count() {
+            return Err(TrainError::Config(format!(
+                "x has {} samples but y has {} values",
+                pred.elem_count(),
+                y.elem_count()
+            )));
+        }
+        let p = pred.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let t = y.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+        Ok(r2_score(&t, &p))
+    }
+}
+
+/// R² of predictions `pred` for targets `target` (see [`MiniBatchRegressor::score`]).
+///
+/// ```
+/// use minibatch_train::regressor::r2_score;
+/// assert_eq!(r2_score(&[1.0, 2.0, 3.0], &[1.0, 2.0, 3.0]), 1.0);
+/// assert_eq!(r2_score(&[1.0, 2.0, 3.0], &[2.0, 2.0, 2.0]), 0.0);
+/// ```
+pub fn r2_score(target: &[f64], pred: &[f64]) -> f64 {
+    let n = target.len().min(pred.len());
+    if n == 0 {
+        return 0.0;
+    }
+    let mean = target[..n].iter().sum::<f64>() / n as f64;
+    let ss_res: f64 = target.iter().zip(pred).map(|(t, p)| (t - p).powi(2)).sum();
+    let ss_tot: f64 = target[..n].iter().map(|t| (t - mean).powi(2)).sum();
+    if ss_tot == 0.0 {
+        return if ss_res == 0.0 { 1.0 } else { 0.0 };
+    }
+    1.0 - ss_res / ss_tot
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
