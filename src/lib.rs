@@ -123,6 +123,7 @@ pub mod prelude {
     };
     pub use minibatch_train::{
         cross_entropy, evaluate, evaluate_step, loss_step, mse, params_without_grad, Accuracy,
-        Callback, Clip, Control, EarlyStopping, EpochRecord, History, Metric, Mode, ProgressMode, ScheduleEvery, StepOutput, StepRecord, Trainer, TrainerBuilder,
+        Callback, Clip, Control, EarlyStopping, EpochRecord, History, Metric, Mode, ProgressMode,
+        ScheduleEvery, StepOutput, StepRecord, Trainer, TrainerBuilder,
     };
 }
