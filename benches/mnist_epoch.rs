@@ -5,7 +5,7 @@
 //! top-1 accuracy on every batch, history records, timing).
 //!
 //! Both are run twice: with `candle_nn::Linear` layers, and with
-//! `minibatch_train::Linear` (same maths and forward bits, a backward pass
+//! `minibatch_nn::Linear` (same maths and forward bits, a backward pass
 //! that skips the unused gradient of the input batch and the transpose chain).
 //!
 //! Before the criterion groups, one epoch of the hand-written loop is timed
@@ -36,13 +36,13 @@ impl Layers {
     fn name(self) -> &'static str {
         match self {
             Layers::CandleNn => "candle_nn::Linear",
-            Layers::Lean => "minibatch_train::Linear",
+            Layers::Lean => "minibatch_nn::Linear",
         }
     }
     fn linear(self, i: usize, o: usize, vb: VarBuilder) -> Box<dyn Module> {
         match self {
             Layers::CandleNn => Box::new(candle_nn::linear(i, o, vb).unwrap()),
-            Layers::Lean => Box::new(minibatch_train::linear(i, o, vb).unwrap()),
+            Layers::Lean => Box::new(minibatch_nn::linear(i, o, vb).unwrap()),
         }
     }
 }
@@ -170,7 +170,7 @@ fn interleaved(ds: &TensorDataset, rounds: usize) {
         );
     }
     println!(
-        "Trainer with minibatch_train::Linear vs hand-written loop with candle_nn::Linear: {:.2}x faster",
+        "Trainer with minibatch_nn::Linear vs hand-written loop with candle_nn::Linear: {:.2}x faster",
         best[0][0] / best[1][1]
     );
 }

@@ -9,8 +9,8 @@ use anyhow::Result;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use minibatch_data::{mnist, DataLoader, Dataset, Subset};
+use minibatch_nn::linear;
 use minibatch_optim::{clip_grad_norm, LrScheduler, Norm, OneCycleLR, Optimizer, Sgd, SgdConfig};
-use minibatch_train::linear;
 use minibatch_train::{cross_entropy, evaluate, params_without_grad, Accuracy, Metric};
 use std::sync::Arc;
 

@@ -21,8 +21,8 @@ use anyhow::Result;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use minibatch_data::{mnist, DataLoader, Dataset, Subset};
+use minibatch_nn::linear;
 use minibatch_optim::{Sgd, SgdConfig};
-use minibatch_train::linear;
 use minibatch_train::plot::{plot_lines, Series};
 use minibatch_train::{Control, ProgressMode, Trainer};
 

@@ -18,13 +18,14 @@ use candle_core::{DType, Device, Module, ModuleT, Tensor};
 use candle_nn::{conv2d, Conv2d, Conv2dConfig, VarBuilder, VarMap};
 use clap::{Parser, ValueEnum};
 use minibatch_data::{mnist, parse_device, DataLoader};
+// `minibatch_nn::Linear`: candle_nn::Linear's maths with a leaner backward pass.
+use minibatch_nn::{linear, Linear};
 use minibatch_optim::{
     Adagrad, AdagradConfig, Adam, AdamConfig, AdamW, AdamWConfig, CosineAnnealingLR, ExponentialLR,
     LrScheduler, OneCycleLR, OneCycleOptions, Optimizer, ReduceLROnPlateau, RmsProp, RmsPropConfig,
     Sgd, SgdConfig, StepLR,
 };
-// `minibatch_train::Linear`: candle_nn::Linear's maths with a leaner backward pass.
-use minibatch_train::{linear, Linear, Mode, ProgressMode, ScheduleEvery, Trainer};
+use minibatch_train::{Mode, ProgressMode, ScheduleEvery, Trainer};
 use rand::{Rng, SeedableRng};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]

@@ -13,8 +13,9 @@ use candle_core::Module;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use minibatch_data::{available_devices, DataLoader, FixedOrderSampler, TensorDataset};
+use minibatch_nn::Linear;
 use minibatch_optim::{Sgd, SgdConfig};
-use minibatch_train::{Linear, ProgressMode, Trainer};
+use minibatch_train::{ProgressMode, Trainer};
 
 fn sgd_config(h: &serde_json::Value) -> SgdConfig {
     let f = |k: &str, d: f64| h.get(k).and_then(|v| v.as_f64()).unwrap_or(d);

@@ -13,10 +13,10 @@ mod conv;
 mod cpu;
 mod dispatch;
 mod error;
-#[allow(dead_code)] // until the first kernel uses it
 mod gemm;
 mod im2col;
 mod layer_norm;
+mod linear;
 pub mod loss;
 pub mod ops;
 mod rms_norm;
@@ -26,4 +26,5 @@ pub use conv::{conv2d, conv2d_no_bias, Conv2d};
 pub use dispatch::{set_tensor_path, tensor_path};
 pub use error::{NnError, Result};
 pub use layer_norm::{layer_norm, layer_norm_no_bias, LayerNorm, LayerNormConfig};
+pub use linear::{linear, linear_b, linear_no_bias, Linear};
 pub use rms_norm::{rms_norm, RmsNorm};
