@@ -85,10 +85,7 @@ impl<'a> ClassIds<'a> {
             CpuStorage::U8(_) => Self::U8(contiguous(s, l, what)?),
             CpuStorage::U32(_) => Self::U32(contiguous(s, l, what)?),
             CpuStorage::I64(_) => Self::I64(contiguous(s, l, what)?),
-            _ => candle_core::bail!(
-                "{what}: class ids must be u8, u32 or i64, got {:?}",
-                s.dtype()
-            ),
+            _ => candle_core::bail!("{what}: ids must be u8, u32 or i64, got {:?}", s.dtype()),
         })
     }
     pub fn len(&self) -> usize {

@@ -12,8 +12,11 @@
 mod conv;
 mod cpu;
 mod dispatch;
+pub mod dropout;
+mod embedding;
 mod error;
 mod gemm;
+mod ids;
 mod im2col;
 mod layer_norm;
 mod linear;
@@ -24,6 +27,8 @@ pub mod rotary_emb;
 
 pub use conv::{conv2d, conv2d_no_bias, Conv2d};
 pub use dispatch::{set_tensor_path, tensor_path};
+pub use dropout::{set_rng_step, Dropout};
+pub use embedding::{embedding, Embedding};
 pub use error::{NnError, Result};
 pub use layer_norm::{layer_norm, layer_norm_no_bias, LayerNorm, LayerNormConfig};
 pub use linear::{linear, linear_b, linear_no_bias, Linear};

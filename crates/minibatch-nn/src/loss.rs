@@ -12,6 +12,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
 
 use crate::cpu::{contiguous, with_cpu, ClassIds, Real};
 use crate::dispatch::cpu_kernel;
+use crate::ids::{check_ids, check_index_dtype};
 use crate::NnError;
 
 /// The cross-entropy loss of raw logits against class ids, averaged over the
@@ -65,7 +66,7 @@ pub fn cross_entropy(inp: &Tensor, target: &Tensor) -> candle_core::Result<Tenso
             Arc::new(Box::new(CrossEntropyOp::default()));
         inp.contiguous()?.apply_op2_arc(&target.contiguous()?, op)
     } else {
-        check_class_ids("cross_entropy", target, inp.dim(1)?)?;
+        check_ids("cross_entropy", target, inp.dim(1)?)?;
         nll_unchecked(&log_softmax_rows(inp)?, target, b)
     }
 }
@@ -90,7 +91,7 @@ pub fn cross_entropy(inp: &Tensor, target: &Tensor) -> candle_core::Result<Tenso
 /// ```
 pub fn nll(inp: &Tensor, target: &Tensor) -> candle_core::Result<Tensor> {
     let (b, c) = class_shapes("nll", inp, target)?;
-    check_class_ids("nll", target, c)?;
+    check_ids("nll", target, c)?;
     nll_unchecked(inp, target, b)
 }
 
@@ -150,34 +151,8 @@ fn class_shapes(what: &str, inp: &Tensor, target: &Tensor) -> candle_core::Resul
             NnError::InvalidArgument(format!("{what}: empty input of shape ({b}, {c})")).into(),
         );
     }
-    if !matches!(target.dtype(), DType::U8 | DType::U32 | DType::I64) {
-        return Err(NnError::InvalidArgument(format!(
-            "{what}: class ids must be u8, u32 or i64, got {:?}",
-            target.dtype()
-        ))
-        .into());
-    }
+    check_index_dtype(what, target)?;
     Ok((b, c))
-}
-
-/// Every id of `target` in `0..n`: scanned in place on the CPU; on other
-/// devices its minimum and maximum are read back (two scalars).
-fn check_class_ids(what: &str, target: &Tensor, n: usize) -> candle_core::Result<()> {
-    if target.device().is_cpu() {
-        let t = target.contiguous()?;
-        return with_cpu(&t, |s, l| ClassIds::new(s, l, what)?.check(n, what));
-    }
-    let t = target.to_dtype(DType::I64)?;
-    let lo = t.min_all()?.to_scalar::<i64>()?;
-    let hi = t.max_all()?.to_scalar::<i64>()?;
-    if lo < 0 || hi as u64 >= n as u64 {
-        let bad = if lo < 0 { lo } else { hi };
-        return Err(NnError::InvalidArgument(format!(
-            "{what}: class id {bad} is out of range 0..{n}"
-        ))
-        .into());
-    }
-    Ok(())
 }
 
 /// `log_softmax(x, 1)` in candle ops, with the row maximum detached (the

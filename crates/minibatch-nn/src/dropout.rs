@@ -1,0 +1,313 @@
+//! [`Dropout`]: a drop-in for `candle_nn::Dropout` whose masks are a pure
+//! function of `(seed, step, call index)`, so a run resumed from a checkpoint
+//! draws the same masks as the run it continues.
+//!
+//! # Where the randomness comes from
+//!
+//! Each training-mode forward pass of a dropout layer draws its mask from a
+//! ChaCha8 stream (`rand_chacha`) whose 256-bit key is
+//! `(seed, step, call index, mode)`:
+//!
+//! * `seed`: the layer's, [`DEFAULT_SEED`] unless set with
+//!   [`Dropout::with_seed`];
+//! * `step`: the value last given to [`set_rng_step`] on this thread (the
+//!   Trainer calls it before every training forward pass with the global
+//!   micro-batch index, which a checkpoint restores);
+//! * `call index`: how many dropout forward passes this thread ran since that
+//!   call, so the layers of one model get different masks (the first dropout
+//!   call of a step is 0, the next 1, ...: the "layer" of the mask);
+//! * `mode`: whether `set_rng_step` was ever called on this thread. A
+//!   hand-written loop that never calls it still gets a fresh mask every
+//!   forward pass: the call index then simply keeps counting.
+//!
+//! Element `i` (in row-major order of the input) is kept when the `i`-th
+//! 32-bit word of the stream is `≥ p · 2³²`, so the keep rate is `1 - p` up to
+//! `2⁻³²`. The mask depends on nothing else: not on the thread count, the
+//! device, or the dtype.
+//!
+//! # Cost
+//!
+//! The mask is always generated on the host: one ChaCha8 word per element
+//! (about a nanosecond each). On the CPU (`f32`/`f64`) one fused op draws the
+//! words and writes `x · 1/(1-p)` or `x · 0` in the same pass, and keeps the
+//! mask as a bitset (one bit per element) for the backward pass, which is one
+//! more pass. On other devices the mask goes to the device as one byte per
+//! element (one host-to-device copy of `n` bytes per forward pass; that copy is
+//! what makes the masks identical on every device), and is applied with
+//! candle tensor ops (whose backward is the same product).
+
+use std::cell::Cell;
+use std::sync::Arc;
+use std::sync::OnceLock;
+
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, ModuleT, Shape, Tensor};
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::cpu::{contiguous, with_cpu, Real};
+use crate::dispatch::cpu_kernel;
+use crate::NnError;
+
+/// The seed of a [`Dropout`] built with [`Dropout::new`].
+pub const DEFAULT_SEED: u64 = 0x6d69_6e69_6261_7463; // "minibatc"
+
+thread_local! {
+    /// (step, call index within the step, whether `set_rng_step` was called).
+    static RNG_STEP: Cell<(u64, u64, bool)> = const { Cell::new((0, 0, false)) };
+}
+
+/// Sets the step that keys the masks of every [`Dropout`] forward pass that
+/// follows on this thread, and restarts the call index at 0.
+///
+/// Training loops call it before each training forward pass with a value
+/// unique per micro-batch (the `Trainer` does, with its global micro-batch
+/// index); the masks of that forward pass are then a pure function of the
+/// layer seeds, this step and the order of the dropout calls, so a resumed run
+/// replays them exactly. The setting is per thread (like
+/// [`set_tensor_path`](crate::set_tensor_path)): threads do not disturb each
+/// other's masks.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use minibatch_nn::{set_rng_step, Dropout};
+///
+/// # fn main() -> candle_core::Result<()> {
+/// let drop = Dropout::new(0.5);
+/// let x = Tensor::ones((4, 8), DType::F32, &Device::Cpu)?;
+/// set_rng_step(41);
+/// let a = drop.forward(&x, true)?;
+/// set_rng_step(41);
+/// let b = drop.forward(&x, true)?; // the same step: the same mask
+/// assert_eq!(a.to_vec2::<f32>()?, b.to_vec2::<f32>()?);
+/// set_rng_step(42);
+/// let c = drop.forward(&x, true)?; // another step: another mask
+/// assert_ne!(a.to_vec2::<f32>()?, c.to_vec2::<f32>()?);
+/// # Ok(()) }
+/// ```
+pub fn set_rng_step(step: u64) {
+    RNG_STEP.with(|c| c.set((step, 0, true)));
+}
+
+/// The `(step, call index, explicit)` key of the next mask, advancing the call index.
+fn next_key() -> (u64, u64, bool) {
+    RNG_STEP.with(|c| {
+        let (step, call, explicit) = c.get();
+        c.set((step, call.wrapping_add(1), explicit));
+        (step, call, explicit)
+    })
+}
+
+/// Randomly zeroes elements with probability `p` during training and scales
+/// the others by `1/(1-p)`; the identity in evaluation. A drop-in for
+/// `candle_nn::Dropout` (same `new`, `forward(xs, train)` and [`ModuleT`]),
+/// whose masks are reproducible: see the [module docs](self) and
+/// [`set_rng_step`].
+///
+/// ```
+/// use candle_core::{DType, Device, ModuleT, Tensor};
+/// use minibatch_nn::Dropout;
+///
+/// # fn main() -> candle_core::Result<()> {
+/// let drop = Dropout::new(0.25).with_seed(7);
+/// let x = Tensor::ones(10_000, DType::F32, &Device::Cpu)?;
+/// let y = drop.forward_t(&x, true)?.to_vec1::<f32>()?;
+/// // Kept elements are scaled by 1/(1-p); about 75 % are kept.
+/// assert!(y.iter().all(|&v| v == 0.0 || v == 1.0 / 0.75));
+/// let kept = y.iter().filter(|&&v| v != 0.0).count();
+/// assert!((7_300..7_700).contains(&kept));
+/// // Evaluation: the identity.
+/// assert_eq!(drop.forward_t(&x, false)?.to_vec1::<f32>()?, vec![1.0; 10_000]);
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct Dropout {
+    drop_p: f32,
+    seed: u64,
+}
+
+impl Dropout {
+    /// A dropout layer with drop probability `drop_p` (in `[0, 1)`; anything
+    /// else is an error at the first training forward pass, as in candle-nn)
+    /// and the seed [`DEFAULT_SEED`].
+    pub fn new(drop_p: f32) -> Dropout {
+        Self {
+            drop_p,
+            seed: DEFAULT_SEED,
+        }
+    }
+
+    /// The same layer with another seed (so two models, or two otherwise
+    /// identical layers, draw independent masks).
+    pub fn with_seed(self, seed: u64) -> Dropout {
+        Self { seed, ..self }
+    }
+
+    /// The drop probability.
+    pub fn drop_p(&self) -> f32 {
+        self.drop_p
+    }
+
+    /// The seed.
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// `xs` with its elements dropped (zeroed) with probability `p` and the
+    /// others scaled by `1/(1-p)` when `train`, `xs` itself otherwise. Each
+    /// training call draws the mask of the next call index (see
+    /// [`set_rng_step`]).
+    pub fn forward(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        if !train {
+            return Ok(xs.clone());
+        }
+        let p = self.drop_p;
+        if !(0. ..1.).contains(&p) {
+            return Err(NnError::InvalidArgument(format!(
+                "dropout probability has to be in [0, 1), got {p}"
+            ))
+            .into());
+        }
+        let key = next_key();
+        let mask = MaskSource {
+            seed: self.seed,
+            key,
+            threshold: (p as f64 * 4_294_967_296.0) as u64,
+        };
+        let scale = 1.0 / (1.0 - p as f64);
+        if cpu_kernel(xs) && matches!(xs.dtype(), DType::F32 | DType::F64) {
+            let op: Arc<Box<dyn CustomOp1 + Send + Sync>> = Arc::new(Box::new(DropoutOp {
+                mask,
+                scale,
+                kept: OnceLock::new(),
+            }));
+            return xs.contiguous()?.apply_op1_arc(op);
+        }
+        // Tensor path: the same mask, drawn on the host, as one byte per element.
+        let n = xs.elem_count();
+        let mut bytes = Vec::with_capacity(n);
+        mask.for_each(n, |keep| bytes.push(u8::from(keep)));
+        let m = Tensor::from_vec(bytes, xs.shape(), xs.device())?
+            .to_dtype(xs.dtype())?
+            .affine(scale, 0.)?;
+        xs * m
+    }
+}
+
+impl ModuleT for Dropout {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        self.forward(xs, train)
+    }
+}
+
+/// Where a mask comes from: the ChaCha8 key and the keep threshold.
+#[derive(Clone, Copy, Debug)]
+struct MaskSource {
+    seed: u64,
+    key: (u64, u64, bool),
+    threshold: u64,
+}
+
+impl MaskSource {
+    fn rng(&self) -> ChaCha8Rng {
+        let (step, call, explicit) = self.key;
+        let mut k = [0u8; 32];
+        k[..8].copy_from_slice(&self.seed.to_le_bytes());
+        k[8..16].copy_from_slice(&step.to_le_bytes());
+        k[16..24].copy_from_slice(&call.to_le_bytes());
+        k[24] = u8::from(explicit);
+        ChaCha8Rng::from_seed(k)
+    }
+
+    /// Calls `f(keep)` for elements `0..n` in order.
+    fn for_each(&self, n: usize, mut f: impl FnMut(bool)) {
+        let mut rng = self.rng();
+        for _ in 0..n {
+            f(rng.next_u32() as u64 >= self.threshold);
+        }
+    }
+}
+
+/// The fused CPU dropout of one forward pass; keeps its mask for the backward.
+struct DropoutOp {
+    mask: MaskSource,
+    scale: f64,
+    kept: OnceLock<Vec<u64>>,
+}
+
+fn apply<T: Real>(xs: &[T], mask: &MaskSource, scale: f64) -> (Vec<T>, Vec<u64>) {
+    let s = T::from_f64(scale);
+    let mut out = Vec::with_capacity(xs.len());
+    let mut bits = vec![0u64; xs.len().div_ceil(64)];
+    let mut i = 0;
+    mask.for_each(xs.len(), |keep| {
+        let x = xs[i];
+        // candle-nn's values: x times (1 · scale) or times (0 · scale).
+        out.push(if keep { x * s } else { x * T::zero() });
+        bits[i / 64] |= u64::from(keep) << (i % 64);
+        i += 1;
+    });
+    (out, bits)
+}
+
+fn apply_bits<T: Real>(g: &[T], bits: &[u64], scale: f64) -> Vec<T> {
+    let s = T::from_f64(scale);
+    g.iter()
+        .enumerate()
+        .map(|(i, &g)| {
+            if bits[i / 64] >> (i % 64) & 1 == 1 {
+                g * s
+            } else {
+                g * T::zero()
+            }
+        })
+        .collect()
+}
+
+impl CustomOp1 for DropoutOp {
+    fn name(&self) -> &'static str {
+        "minibatch-dropout"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let mask = self.mask;
+        let (out, bits) = match s {
+            CpuStorage::F32(_) => {
+                let (o, b) = apply::<f32>(contiguous(s, l, "dropout")?, &mask, self.scale);
+                (CpuStorage::F32(o), b)
+            }
+            CpuStorage::F64(_) => {
+                let (o, b) = apply::<f64>(contiguous(s, l, "dropout")?, &mask, self.scale);
+                (CpuStorage::F64(o), b)
+            }
+            _ => candle_core::bail!("dropout: the fused op takes f32 or f64"),
+        };
+        let _ = self.kept.set(bits);
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let Some(bits) = self.kept.get() else {
+            candle_core::bail!("dropout: backward before forward");
+        };
+        let grad = grad.contiguous()?;
+        let dx = with_cpu(&grad, |s, l| match s {
+            CpuStorage::F32(_) => Tensor::from_vec(
+                apply_bits::<f32>(contiguous(s, l, "dropout")?, bits, self.scale),
+                grad.shape(),
+                &Device::Cpu,
+            ),
+            CpuStorage::F64(_) => Tensor::from_vec(
+                apply_bits::<f64>(contiguous(s, l, "dropout")?, bits, self.scale),
+                grad.shape(),
+                &Device::Cpu,
+            ),
+            _ => candle_core::bail!("dropout: unexpected gradient dtype"),
+        })?;
+        Ok(Some(dx))
+    }
+}
