@@ -67,6 +67,13 @@ pub use minibatch_train as train;
 /// ```no_run
 /// use minibatch::prelude::*;
 ///
+/// struct Mlp { fc1: Linear, fc2: Linear }
+/// impl Module for Mlp {
+///     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+///         self.fc2.forward(&self.fc1.forward(x)?.relu()?)
+///     }
+/// }
+///
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let device = parse_device("cpu")?;
 /// let (train, test) = mnist::load("data/mnist", &device)?;
@@ -74,8 +81,7 @@ pub use minibatch_train as train;
 /// let test_loader = DataLoader::builder(test).batch_size(1000).build()?;
 /// let varmap = VarMap::new();
 /// let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
-/// let fc = candle_nn::linear(784, 10, vb.pp("fc"))?;
-/// let model = move |x: &Tensor| fc.forward(x);
+/// let model = Mlp { fc1: linear(784, 256, vb.pp("fc1"))?, fc2: linear(256, 10, vb.pp("fc2"))? };
 /// let mut opt = Sgd::from_varmap(&varmap, SgdConfig { lr: 0.05, momentum: 0.9, ..Default::default() })?;
 /// let sched = CosineAnnealingLR::new(&mut opt, 10, 0.0)?;
 /// let mut trainer = Trainer::builder(model, varmap, train_loader, opt)
@@ -92,8 +98,8 @@ pub use minibatch_train as train;
 /// trainer.fit()?;
 ///
 /// // a step over (x, y, mask) batches
-/// # let (varmap, vb) = (VarMap::new(), ());
-/// # let fc = candle_nn::linear(3, 1, VarBuilder::from_varmap(&varmap, DType::F32, &device))?;
+/// # let varmap = VarMap::new();
+/// # let fc = linear(3, 1, VarBuilder::from_varmap(&varmap, DType::F32, &device))?;
 /// # let loader = DataLoader::builder(TensorDataset::new(vec![Tensor::zeros((4, 3), DType::F32, &device)?])?).build()?;
 /// # let opt = Sgd::from_varmap(&varmap, SgdConfig::default())?;
 /// let builder = Trainer::builder(fc, varmap, loader, opt).step(|model, batch: &Batch, train| {
@@ -102,12 +108,14 @@ pub use minibatch_train as train;
 ///     let loss = (err * mask)?.sum_all()?.div(&mask.sum_all()?)?;
 ///     Ok(StepOutput::new(loss))
 /// });
-/// # let _ = (builder, vb);
+/// # let _ = builder;
 /// # Ok(()) }
 /// ```
 pub mod prelude {
     pub use candle_core::{DType, Device, Module, ModuleT, Tensor, Var};
     pub use candle_nn::{VarBuilder, VarMap};
+
+    pub use minibatch_nn::{linear, Linear};
 
     pub use minibatch_data::{
         available_devices, mnist, parse_device, random_split, Batch, ConcatDataset, DataLoader,
