@@ -101,6 +101,7 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     const P3: f32 = 4.166_579_6e-2;
     const P4: f32 = 1.666_666_5e-1;
     const P5: f32 = 0.5; // Cephes: 5.0000001201e-1, which rounds to 0.5 in f32
+
     // Outside [-104, 89] the answer is 0 or inf; clamp so the integer maths
     // below stays in range (NaN passes through the clamp's comparisons).
     let xc = if x < -104.0 { -104.0 } else { x };
