@@ -70,25 +70,13 @@ pub(crate) fn parallelism(m: usize, n: usize, k: usize) -> Parallelism {
     }
 }
 
-/// `dst = a · b` (or `dst += a · b` with `accumulate`), `dst` row-major
-/// `(a.rows, b.cols)` with row stride `dst_rs`.
+/// `dst = a · b` (or `dst += a · b` with `accumulate`) on one thread, `dst`
+/// row-major `(a.rows, b.cols)` with row stride `dst_rs`: for kernels that
+/// already split their work over threads (one product per image, say).
 ///
 /// Panics if the shapes disagree or a view reaches past its slice: those are
 /// bugs in this crate's kernels, never user input (callers check shapes and
 /// return errors first).
-pub(crate) fn matmul<T: GemmFloat>(
-    dst: &mut [T],
-    dst_rs: usize,
-    a: Mat<T>,
-    b: Mat<T>,
-    accumulate: bool,
-) {
-    let par = parallelism(a.rows, b.cols, a.cols);
-    matmul_with(dst, dst_rs, a, b, accumulate, par)
-}
-
-/// [`matmul`] on one thread: for kernels that already split their work
-/// over threads (one product per image, say).
 pub(crate) fn matmul_seq<T: GemmFloat>(
     dst: &mut [T],
     dst_rs: usize,
@@ -99,7 +87,7 @@ pub(crate) fn matmul_seq<T: GemmFloat>(
     matmul_with(dst, dst_rs, a, b, accumulate, Parallelism::None)
 }
 
-/// [`matmul`] with the thread split given by the caller.
+/// [`matmul_seq`] with the thread split given by the caller.
 pub(crate) fn matmul_with<T: GemmFloat>(
     dst: &mut [T],
     dst_rs: usize,
@@ -153,6 +141,50 @@ pub(crate) fn matmul_with<T: GemmFloat>(
     }
 }
 
+/// `a · b` in a new row-major `(a.rows, b.cols)` buffer, written by the
+/// kernel without zero-filling it first (one pass less than allocating
+/// zeros and multiplying into them).
+pub(crate) fn matmul_new<T: GemmFloat>(a: Mat<T>, b: Mat<T>) -> Vec<T> {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(k, b.rows, "gemm: inner dimensions differ");
+    assert!(a.fits() && b.fits(), "gemm: operand view out of bounds");
+    let len = m * n;
+    if k == 0 || len == 0 {
+        return vec![T::ZERO; len];
+    }
+    let mut out: Vec<T> = Vec::with_capacity(len);
+    // SAFETY: the operands were bounds-checked above and `out` has room for
+    // `m * n` elements; with `read_dst = false` the kernel writes every
+    // element of the destination before it reads any (it accumulates over
+    // k-blocks into what it wrote), so all `len` elements are initialised
+    // when it returns, and only then is the length set.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            T::ONE,
+            T::ONE,
+            false,
+            false,
+            false,
+            parallelism(m, n, k),
+        );
+        out.set_len(len);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,7 +195,7 @@ mod tests {
         let a = [1f64, 2., 3., 4., 5., 6.];
         let b = [1f64, 0., 0., 1., 1., 1.];
         let mut c = [0f64; 4];
-        matmul(
+        matmul_seq(
             &mut c,
             2,
             Mat::row_major(&a, 2, 3),
@@ -171,7 +203,7 @@ mod tests {
             false,
         );
         assert_eq!(c, [4., 5., 10., 11.]);
-        matmul(
+        matmul_seq(
             &mut c,
             2,
             Mat::row_major(&a, 2, 3),
@@ -182,7 +214,11 @@ mod tests {
         // aᵀ·a: 3x3
         let mut d = [0f64; 9];
         let av = Mat::row_major(&a, 2, 3);
-        matmul(&mut d, 3, av.t(), av, false);
+        matmul_seq(&mut d, 3, av.t(), av, false);
         assert_eq!(d, [17., 22., 27., 22., 29., 36., 27., 36., 45.]);
+        assert_eq!(matmul_new(av.t(), av), d.to_vec());
+        let empty: [f64; 0] = [];
+        let (e1, e2) = (Mat::row_major(&empty, 3, 0), Mat::row_major(&empty, 0, 3));
+        assert_eq!(matmul_new(e1, e2), vec![0.; 9]);
     }
 }

@@ -146,6 +146,27 @@ pub(crate) fn im2col<T: ConvFloat>(x: &[T], g: &Geom, cols: &mut [T]) {
                 let dst = &mut cols[row * p..(row + 1) * p];
                 dst[..oy_lo * ow].fill(T::ZERO);
                 dst[oy_hi * ow..].fill(T::ZERO);
+                if g.stride == 1 && ox_lo == 0 && ox_hi == ow && oy_lo < oy_hi {
+                    // Whole output rows read whole runs of `ow` input
+                    // elements, `w` apart: the common interior case.
+                    let (iy0, first) = ((oy_lo as isize + yoff) as usize, xoff as usize);
+                    let rows = oy_hi - oy_lo;
+                    assert!((iy0 + rows - 1) * g.w + first + ow <= plane.len());
+                    let dst = &mut dst[oy_lo * ow..oy_hi * ow];
+                    // SAFETY: the last run read ends inside `plane` (checked
+                    // above) and `dst` holds exactly `rows` runs of `ow`.
+                    unsafe {
+                        let mut s = plane.as_ptr().add(iy0 * g.w + first);
+                        let mut d = dst.as_mut_ptr();
+                        for _ in 0..rows {
+                            copy_run(d, s, ow);
+                            s = s.add(g.w);
+                            d = d.add(ow);
+                        }
+                    }
+                    row += 1;
+                    continue;
+                }
                 for oy in oy_lo..oy_hi {
                     let iy = (oy * g.stride) as isize + yoff;
                     let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
@@ -156,7 +177,7 @@ pub(crate) fn im2col<T: ConvFloat>(x: &[T], g: &Geom, cols: &mut [T]) {
                         let first = (ox_lo * g.stride) as isize + xoff;
                         let first = first as usize;
                         if g.stride == 1 {
-                            d[ox_lo..ox_hi].copy_from_slice(&src[first..first + ox_hi - ox_lo]);
+                            copy_short(&mut d[ox_lo..ox_hi], &src[first..first + ox_hi - ox_lo]);
                         } else {
                             for (k, v) in d[ox_lo..ox_hi].iter_mut().enumerate() {
                                 *v = src[first + k * g.stride];
@@ -168,6 +189,90 @@ pub(crate) fn im2col<T: ConvFloat>(x: &[T], g: &Geom, cols: &mut [T]) {
             }
         }
     }
+}
+
+/// Copies `n` elements from `s` to `d` in blocks of 8 (vector moves, no
+/// `memmove` call: the runs are a few dozen elements).
+///
+/// # Safety
+/// `s` and `d` must be valid for `n` elements and not overlap.
+#[inline(always)]
+unsafe fn copy_run<T: Copy>(d: *mut T, s: *const T, n: usize) {
+    let mut k = 0;
+    while k + 8 <= n {
+        // SAFETY: k + 8 <= n.
+        unsafe { std::ptr::copy_nonoverlapping(s.add(k), d.add(k), 8) };
+        k += 8;
+    }
+    while k < n {
+        // SAFETY: k < n.
+        unsafe { *d.add(k) = *s.add(k) };
+        k += 1;
+    }
+}
+
+/// `d[k] += s[k]` for `k < n`, in blocks of 8.
+///
+/// # Safety
+/// `s` and `d` must be valid for `n` elements and not overlap.
+#[inline(always)]
+unsafe fn add_run<T: ConvFloat>(d: *mut T, s: *const T, n: usize) {
+    let mut k = 0;
+    while k + 8 <= n {
+        // SAFETY: k + 8 <= n; unaligned reads and writes of [T; 8].
+        unsafe {
+            let a = (d.add(k) as *const [T; 8]).read_unaligned();
+            let b = (s.add(k) as *const [T; 8]).read_unaligned();
+            let mut c = a;
+            for l in 0..8 {
+                c[l] = a[l] + b[l];
+            }
+            (d.add(k) as *mut [T; 8]).write_unaligned(c);
+        }
+        k += 8;
+    }
+    while k < n {
+        // SAFETY: k < n.
+        unsafe { *d.add(k) += *s.add(k) };
+        k += 1;
+    }
+}
+
+/// `d.copy_from_slice(s)` for the short rows of small images: fixed-size
+/// blocks the compiler turns into vector moves, where `copy_from_slice`
+/// would call `memmove` once per row (its call overhead dominates copies of
+/// a few dozen elements).
+#[inline(always)]
+fn copy_short<T: Copy>(d: &mut [T], s: &[T]) {
+    assert_eq!(d.len(), s.len());
+    let mut dc = d.chunks_exact_mut(8);
+    let mut sc = s.chunks_exact(8);
+    for (a, b) in (&mut dc).zip(&mut sc) {
+        let b: &[T; 8] = b.try_into().unwrap();
+        let a: &mut [T; 8] = a.try_into().unwrap();
+        *a = *b;
+    }
+    for (a, b) in dc.into_remainder().iter_mut().zip(sc.remainder()) {
+        *a = *b;
+    }
+}
+
+/// `Σ xs` with eight independent partial sums (so the compiler can keep them
+/// in vector registers), combined pairwise at the end.
+#[inline]
+pub(crate) fn sum<T: ConvFloat>(xs: &[T]) -> T {
+    let mut acc = [T::ZERO; 8];
+    let mut it = xs.chunks_exact(8);
+    for c in &mut it {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += *v;
+        }
+    }
+    let mut tail = T::ZERO;
+    for v in it.remainder() {
+        tail += *v;
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
 /// Adds every entry of `cols` (`col_rows() x out_pixels()`) onto the pixel
@@ -187,6 +292,26 @@ pub(crate) fn col2im_add<T: ConvFloat>(cols: &[T], g: &Geom, dx: &mut [T]) {
                 let xoff = (j * g.dil) as isize - g.pad as isize;
                 let (ox_lo, ox_hi) = Geom::valid(xoff, g.stride, g.w, g.ow);
                 let src = &cols[row * p..(row + 1) * p];
+                if g.stride == 1 && ox_lo == 0 && ox_hi == ow && oy_lo < oy_hi {
+                    // The interior case of `im2col`, in reverse.
+                    let (iy0, first) = ((oy_lo as isize + yoff) as usize, xoff as usize);
+                    let rows = oy_hi - oy_lo;
+                    assert!((iy0 + rows - 1) * g.w + first + ow <= plane.len());
+                    let src = &src[oy_lo * ow..oy_hi * ow];
+                    // SAFETY: the last run written ends inside `plane`
+                    // (checked above) and `src` holds exactly `rows` runs.
+                    unsafe {
+                        let mut d = plane.as_mut_ptr().add(iy0 * g.w + first);
+                        let mut s = src.as_ptr();
+                        for _ in 0..rows {
+                            add_run(d, s, ow);
+                            d = d.add(g.w);
+                            s = s.add(ow);
+                        }
+                    }
+                    row += 1;
+                    continue;
+                }
                 if ox_lo < ox_hi {
                     let first = ((ox_lo * g.stride) as isize + xoff) as usize;
                     for oy in oy_lo..oy_hi {
@@ -240,16 +365,65 @@ pub(crate) fn fill_uninit<T: Copy>(s: &mut [MaybeUninit<T>], value: T) -> &mut [
     unsafe { &mut *(s as *mut [MaybeUninit<T>] as *mut [T]) }
 }
 
+/// The threads of candle's CPU pool (its workers and the calling thread).
+fn pool_threads() -> usize {
+    candle_core::utils::barrier_pool().n_workers() + 1
+}
+
 /// How many contiguous parts to split `n` independent items into: one per
-/// thread of candle's thread count when the work is worth a hand-off
-/// (`work` multiply-adds or element visits in all), one otherwise.
+/// thread of candle's CPU pool when the work is worth a hand-off (`work`
+/// multiply-adds or element visits in all), one otherwise.
 pub(crate) fn parts(n: usize, work: usize) -> usize {
-    let threads = candle_core::utils::get_num_threads().max(1);
     if n <= 1 || work < 1 << 15 {
         1
     } else {
-        threads.min(n)
+        pool_threads().min(n)
     }
+}
+
+/// `f(i, item)` for every item, the results in order. With more than one
+/// item they run on candle's own CPU thread pool (item `i` on its thread
+/// `i mod threads`), the pool candle's element-wise ops use: its worker
+/// spins a while after each op, so it picks the next job up at once, and the
+/// kernels of this crate do not add threads that compete with it for the
+/// cores.
+pub(crate) fn run_parts<I: Send, R: Send>(
+    items: Vec<I>,
+    f: impl Fn(usize, I) -> R + Sync,
+) -> Vec<R> {
+    let n = items.len();
+    if n <= 1 {
+        return items
+            .into_iter()
+            .enumerate()
+            .map(|(i, it)| f(i, it))
+            .collect();
+    }
+    let slots: Vec<std::sync::Mutex<(Option<I>, Option<R>)>> = items
+        .into_iter()
+        .map(|it| std::sync::Mutex::new((Some(it), None)))
+        .collect();
+    let threads = pool_threads();
+    candle_core::utils::barrier_pool().execute(|tid| {
+        let mut i = tid;
+        while i < n {
+            // Each slot is locked by its one thread only: no contention.
+            let mut slot = slots[i].lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(it) = slot.0.take() {
+                slot.1 = Some(f(i, it));
+            }
+            i += threads;
+        }
+    });
+    slots
+        .into_iter()
+        .map(|m| {
+            m.into_inner()
+                .unwrap_or_else(|e| e.into_inner())
+                .1
+                .expect("every part ran")
+        })
+        .collect()
 }
 
 #[cfg(test)]

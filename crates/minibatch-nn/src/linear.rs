@@ -41,7 +41,7 @@ use candle_nn::{Init, VarBuilder};
 
 use crate::cpu::{contiguous, with_cpu, Real};
 use crate::dispatch::cpu_kernel;
-use crate::gemm::{matmul, Mat};
+use crate::gemm::{matmul_new, Mat};
 use crate::NnError;
 
 /// A fully connected layer `y = x Wᵀ + b` with a lean backward pass: a
@@ -238,8 +238,7 @@ fn forward<T: Real>(
         ))
         .into());
     }
-    let mut out = vec![T::zero(); m * n];
-    matmul(&mut out, n, x, w.t(), false);
+    let mut out = matmul_new(x, w.t());
     if let Some((b, lb)) = b {
         let b = contiguous::<T>(b, lb, "linear bias")?;
         // After the product, as candle-nn's broadcast_add (bit-identical).
@@ -266,18 +265,10 @@ fn backward<T: Real>(
     with_cpu(&grad, |gs, lg| {
         let g = contiguous::<T>(gs, lg, "linear gradient")?;
         let gm = Mat::row_major(g, m, n);
-        let mut dw = vec![T::zero(); n * k];
-        with_cpu(x, |xs, lx| {
-            matmul(&mut dw, k, gm.t(), mat::<T>(xs, lx)?, false);
-            Ok(())
-        })?;
+        let dw = with_cpu(x, |xs, lx| Ok(matmul_new(gm.t(), mat::<T>(xs, lx)?)))?;
         let dw = Tensor::from_vec(dw, (n, k), &Device::Cpu)?;
         let dx = if want_dx {
-            let mut dx = vec![T::zero(); m * k];
-            with_cpu(w, |ws, lw| {
-                matmul(&mut dx, k, gm, mat::<T>(ws, lw)?, false);
-                Ok(())
-            })?;
+            let dx = with_cpu(w, |ws, lw| Ok(matmul_new(gm, mat::<T>(ws, lw)?)))?;
             Some(Tensor::from_vec(dx, (m, k), &Device::Cpu)?)
         } else {
             None

@@ -3,8 +3,10 @@
 //! max and average pooling.
 
 mod pool;
+mod relu;
 
 pub use pool::{avg_pool2d, avg_pool2d_with_stride, max_pool2d, max_pool2d_with_stride};
+pub use relu::relu;
 
 mod norm;
 pub(crate) mod rows;

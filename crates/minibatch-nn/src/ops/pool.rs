@@ -28,11 +28,10 @@ use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, ToUsize2};
-use rayon::prelude::*;
 
 use crate::dispatch::cpu_kernel;
 use crate::error::NnError;
-use crate::im2col::{assume_init, fill_uninit, parts, uninit, ConvFloat};
+use crate::im2col::{assume_init, fill_uninit, parts, run_parts, uninit, ConvFloat};
 
 /// Pooling window geometry over one plane.
 #[derive(Clone, Copy, Debug)]
@@ -235,13 +234,9 @@ fn over_planes<T: Send>(
     if len == 0 {
         return;
     }
-    if per * len >= out.len() {
-        f(0, out);
-    } else {
-        out.par_chunks_mut(per * len)
-            .enumerate()
-            .for_each(|(i, chunk)| f(i * per, chunk));
-    }
+    run_parts(out.chunks_mut(per * len).collect(), |i, chunk| {
+        f(i * per, chunk)
+    });
 }
 
 /// Max pooling on the CPU; keeps every window's argmax (in-plane index)
@@ -261,41 +256,95 @@ fn max_fwd<T: ConvFloat>(x: &[T], win: &Win) -> (Vec<T>, Vec<u32>) {
     let mut am = uninit::<u32>(planes * op);
     let per = win.split(planes);
     // Values and argmaxes are written side by side, so both split alike.
-    let mut pairs: Vec<Pair<T>> = out
+    let pairs: Vec<Pair<T>> = out
         .chunks_mut(per * op)
         .zip(am.chunks_mut(per * op))
         .collect();
     let run = |(part, (o, a)): (usize, &mut Pair<T>)| {
         for (k, (o, a)) in o.chunks_mut(op).zip(a.chunks_mut(op)).enumerate() {
             let p = &x[(part * per + k) * hw..(part * per + k + 1) * hw];
-            for oy in 0..win.oh {
-                for ox in 0..win.ow {
-                    let (y0, x0) = (oy * win.sh, ox * win.sw);
-                    let mut best = y0 * win.w + x0;
-                    let mut m = p[best];
-                    for i in 0..win.kh {
-                        let row = (y0 + i) * win.w + x0;
-                        for (j, &v) in p[row..row + win.kw].iter().enumerate() {
-                            // PyTorch's rule: a larger value or a NaN takes over.
-                            if v > m || v.is_nan() {
-                                m = v;
-                                best = row + j;
-                            }
-                        }
-                    }
-                    o[oy * win.ow + ox].write(m);
-                    a[oy * win.ow + ox].write(best as u32);
-                }
+            if (win.kh, win.kw, win.sh, win.sw) == (2, 2, 2, 2) {
+                max_plane_2x2(p, win, o, a);
+            } else {
+                max_plane(p, win, o, a);
             }
         }
     };
-    if pairs.len() <= 1 {
-        pairs.iter_mut().enumerate().for_each(run);
-    } else {
-        pairs.par_iter_mut().enumerate().for_each(run);
-    }
+    run_parts(pairs, |part, mut pair| run((part, &mut pair)));
     // SAFETY: every output position of every plane was written above.
     unsafe { (assume_init(out), assume_init(am)) }
+}
+
+/// PyTorch's running-max rule: `v` takes over from `m` if it is larger or NaN
+/// (so the first maximum wins, and the last NaN).
+#[inline(always)]
+fn takes_over<T: ConvFloat>(v: T, m: T) -> bool {
+    v > m || v.is_nan()
+}
+
+/// Max pooling of one plane, any window and stride.
+fn max_plane<T: ConvFloat>(
+    p: &[T],
+    win: &Win,
+    o: &mut [MaybeUninit<T>],
+    a: &mut [MaybeUninit<u32>],
+) {
+    for oy in 0..win.oh {
+        for ox in 0..win.ow {
+            let (y0, x0) = (oy * win.sh, ox * win.sw);
+            let mut best = y0 * win.w + x0;
+            let mut m = p[best];
+            for i in 0..win.kh {
+                let row = (y0 + i) * win.w + x0;
+                for (j, &v) in p[row..row + win.kw].iter().enumerate() {
+                    if takes_over(v, m) {
+                        m = v;
+                        best = row + j;
+                    }
+                }
+            }
+            o[oy * win.ow + ox].write(m);
+            a[oy * win.ow + ox].write(best as u32);
+        }
+    }
+}
+
+/// Max pooling of one plane with 2x2 windows and stride 2 (the common
+/// case), branch-free: each row pair is reduced across, then the two rows
+/// against each other, which picks the same element as the running max over
+/// the window in row-major order.
+fn max_plane_2x2<T: ConvFloat>(
+    p: &[T],
+    win: &Win,
+    o: &mut [MaybeUninit<T>],
+    a: &mut [MaybeUninit<u32>],
+) {
+    let w = win.w;
+    for oy in 0..win.oh {
+        let r0 = &p[2 * oy * w..2 * oy * w + 2 * win.ow];
+        let r1 = &p[(2 * oy + 1) * w..(2 * oy + 1) * w + 2 * win.ow];
+        let o = &mut o[oy * win.ow..(oy + 1) * win.ow];
+        let a = &mut a[oy * win.ow..(oy + 1) * win.ow];
+        let base = (2 * oy * w) as u32;
+        for (ox, ((o, a), (q0, q1))) in o
+            .iter_mut()
+            .zip(a.iter_mut())
+            .zip(r0.chunks_exact(2).zip(r1.chunks_exact(2)))
+            .enumerate()
+        {
+            let t0 = takes_over(q0[1], q0[0]);
+            let (m0, i0) = if t0 { (q0[1], 1) } else { (q0[0], 0) };
+            let t1 = takes_over(q1[1], q1[0]);
+            let (m1, i1) = if t1 { (q1[1], 1) } else { (q1[0], 0) };
+            let (m, i) = if takes_over(m1, m0) {
+                (m1, w as u32 + i1)
+            } else {
+                (m0, i0)
+            };
+            o.write(m);
+            a.write(base + 2 * ox as u32 + i);
+        }
+    }
 }
 
 fn max_bwd<T: ConvFloat>(grad: &[T], am: &[u32], win: &Win) -> Vec<T> {
