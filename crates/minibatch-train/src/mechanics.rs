@@ -40,6 +40,10 @@ impl<M: Model> Trainer<M> {
     /// micro-batches are gathered or `last_of_epoch`. Returns whether it
     /// stepped.
     pub(crate) fn train_micro_batch(&mut self, batch: &Batch, last_of_epoch: bool) -> Result<bool> {
+        // Keys the masks of minibatch_nn::Dropout (and any layer that reads
+        // it) by the global micro-batch index, which checkpoints restore: a
+        // resumed run draws the same masks as an uninterrupted one.
+        minibatch_nn::set_rng_step(self.run.micro_batches);
         let out = self.step.run(&self.model, batch, true)?;
         self.run.micro_batches += 1;
         self.log.push(

@@ -80,7 +80,7 @@ impl EpochProgress {
             ProgressMode::Bar => {
                 if let Some(bar) = &self.bar {
                     bar.set_position(done);
-                    if done % 8 == 0 || done == self.total {
+                    if done.is_multiple_of(8) || done == self.total {
                         bar.set_message(format!(
                             "loss {:.4} | {:.0} samples/s | data wait {:.0}%",
                             live.loss,
@@ -90,7 +90,7 @@ impl EpochProgress {
                     }
                 }
             }
-            ProgressMode::Plain if done % self.log_every == 0 || done == self.total => {
+            ProgressMode::Plain if done.is_multiple_of(self.log_every) || done == self.total => {
                 println!(
                     "epoch {}/{} batch {}/{}: loss {:.4}, {:.0} samples/s, data wait {:.1}%",
                     self.epoch + 1,

@@ -316,11 +316,11 @@ impl<M: Model> Trainer<M> {
         if let Some((s, ScheduleEvery::Step)) = &mut self.scheduler {
             s.step(self.optimizer.as_mut())?;
         }
-        if self.run.step % self.cfg.log_every == 0 {
+        if self.run.step.is_multiple_of(self.cfg.log_every) {
             self.log_point()?;
         }
         if let Some(n) = self.cfg.checkpoint.as_ref().and_then(|c| c.every_steps) {
-            if self.run.step % n == 0 {
+            if self.run.step.is_multiple_of(n) {
                 self.save_checkpoint()?;
             }
         }
