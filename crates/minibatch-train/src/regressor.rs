@@ -246,6 +246,73 @@ pub fn r2_score(target: &[f64], pred: &[f64]) -> f64 {
     1.0 - ss_res / ss_tot
 }
 
+/// Ordinary least squares with an intercept, in closed form: the baseline a
+/// [`MiniBatchRegressor`] is measured against (scikit-learn's
+/// `LinearRegression`). Solves the normal equations `[X 1]ᵀ[X 1] w = [X 1]ᵀ y`
+/// in f64 by Gaussian elimination with partial pivoting and returns
+/// `(coef, intercept)`.
+///
+/// `x` is `(n, f)` and `y` `(n,)` (any float dtype, any device). An empty
+/// `x`, lengths that differ or collinear columns (a singular system) are
+/// [`TrainError::Config`] errors.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use minibatch_train::regressor::least_squares;
+/// // y = 2 x0 - x1 + 3
+/// let x = Tensor::new(&[[0f32, 1.], [1., 0.], [2., 2.], [3., 1.]], &Device::Cpu)?;
+/// let y = Tensor::new(&[2f32, 5., 5., 8.], &Device::Cpu)?;
+/// let (coef, intercept) = least_squares(&x, &y)?;
+/// assert!((coef[0] - 2.0).abs() < 1e-9 && (coef[1] + 1.0).abs() < 1e-9);
+/// assert!((intercept - 3.0).abs() < 1e-9);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn least_squares(x: &Tensor, y: &Tensor) -> Result<(Vec<f64>, f64)> {
+    let x = x.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+    let y = y.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    if x.is_empty() || x.len() != y.len() {
+        return Err(TrainError::Config(format!(
+            "least_squares: {} rows of x and {} targets (need the same, at least one)",
+            x.len(),
+            y.len()
+        )));
+    }
+    let d = x[0].len() + 1;
+    // The augmented system [A | b], A = [X 1]ᵀ[X 1], b = [X 1]ᵀ y.
+    let mut a = vec![vec![0f64; d + 1]; d];
+    for (row, &t) in x.iter().zip(&y) {
+        let r: Vec<f64> = row.iter().copied().chain([1.0]).collect();
+        for (ai, &ri) in a.iter_mut().zip(&r) {
+            for (aij, &rj) in ai.iter_mut().zip(&r) {
+                *aij += ri * rj;
+            }
+            ai[d] += ri * t;
+        }
+    }
+    for c in 0..d {
+        let p = (c..d)
+            .max_by(|&i, &j| a[i][c].abs().total_cmp(&a[j][c].abs()))
+            .unwrap_or(c);
+        a.swap(c, p);
+        let pivot = a[c].clone();
+        if pivot[c].abs() < 1e-12 * (1.0 + pivot.iter().map(|v| v.abs()).fold(0.0, f64::max)) {
+            return Err(TrainError::Config(
+                "least_squares: the columns of x are collinear (singular normal equations)".into(),
+            ));
+        }
+        for (i, ai) in a.iter_mut().enumerate() {
+            if i != c {
+                let f = ai[c] / pivot[c];
+                for (aij, &pj) in ai.iter_mut().zip(&pivot).skip(c) {
+                    *aij -= f * pj;
+                }
+            }
+        }
+    }
+    let w: Vec<f64> = a.iter().enumerate().map(|(i, ai)| ai[d] / ai[i]).collect();
+    Ok((w[..d - 1].to_vec(), w[d - 1]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
