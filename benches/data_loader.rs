@@ -11,8 +11,10 @@
 //!    the step competes with them for the cores.
 //! 3. `stream_csv_8192_b64`: a `StreamDataset` of 8192 MNIST rows stored as
 //!    CSV text lines in 8 shards, parsed to f32 on the loader's threads and
-//!    shuffled through a 1000-item buffer, with 0 and 2 workers, against a
-//!    plain single-threaded loop that parses and stacks the same lines.
+//!    shuffled through a 1000-item buffer, with 0 and 2 workers (and 0
+//!    workers unshuffled), against plain single-threaded loops over the same
+//!    lines: parse into samples and `collate` them (the same per-sample work
+//!    without the stream machinery), and parse straight into batch buffers.
 //!
 //! Run: `cargo bench --bench data_loader`
 
@@ -23,7 +25,7 @@ use std::time::Duration;
 
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion};
-use minibatch_data::{mnist, DataLoader, Dataset, Sample, ShardIter, StreamDataset};
+use minibatch_data::{collate, mnist, DataLoader, Dataset, Sample, ShardIter, StreamDataset};
 
 const BATCH: usize = 64;
 const STREAM_ROWS: usize = 8192;
@@ -153,7 +155,7 @@ fn parse(line: &str, width: usize) -> (Vec<f32>, u32) {
 fn stream_bench(c: &mut Criterion, xs: &[f32], ys: &[u32], width: usize) {
     let lines: Arc<Vec<String>> = Arc::new(csv_lines(xs, ys, width, STREAM_ROWS));
     let per_shard = STREAM_ROWS / SHARDS;
-    let make = |workers: usize| {
+    let make = |workers: usize, shuffle: bool| {
         let lines = Arc::clone(&lines);
         let stream = StreamDataset::new(vec![per_shard; SHARDS], move |s| {
             let lines = Arc::clone(&lines);
@@ -169,16 +171,15 @@ fn stream_bench(c: &mut Criterion, xs: &[f32], ys: &[u32], width: usize) {
         .unwrap()
         .shuffle_buffer(1000)
         .unwrap();
-        DataLoader::builder(stream)
+        let b = DataLoader::builder(stream)
             .batch_size(BATCH)
-            .shuffle(42)
             .num_workers(workers)
-            .prefetch(4)
-            .build()
-            .unwrap()
+            .prefetch(4);
+        if shuffle { b.shuffle(42) } else { b }.build().unwrap()
     };
-    let inline = make(0);
-    let two = make(2);
+    let inline = make(0, true);
+    let two = make(2, true);
+    let unshuffled = make(0, false);
     let mut g = c.benchmark_group("stream_csv_8192_b64");
     g.sample_size(10)
         .warm_up_time(Duration::from_secs(2))
@@ -194,6 +195,32 @@ fn stream_bench(c: &mut Criterion, xs: &[f32], ys: &[u32], width: usize) {
         b.iter(|| {
             two.epoch(0)
                 .for_each(|batch| drop(black_box(batch.unwrap())))
+        })
+    });
+    g.bench_function("stream_0_workers_unshuffled", |b| {
+        b.iter(|| {
+            unshuffled
+                .epoch(0)
+                .for_each(|batch| drop(black_box(batch.unwrap())))
+        })
+    });
+    // Baseline: the same per-sample work (parse, two tensors per sample,
+    // `collate`) in shard order on one thread, without the stream machinery.
+    g.bench_function("plain_parse_samples_collate", |b| {
+        b.iter(|| {
+            for chunk in lines.chunks(BATCH) {
+                let samples: Vec<Sample> = chunk
+                    .iter()
+                    .map(|line| {
+                        let (px, label) = parse(line, width);
+                        Sample::pair(
+                            Tensor::from_vec(px, width, &Device::Cpu).unwrap(),
+                            Tensor::new(label, &Device::Cpu).unwrap(),
+                        )
+                    })
+                    .collect();
+                black_box(collate(&samples).unwrap());
+            }
         })
     });
     // Baseline: parse the same lines in file order and stack batches of 64, one thread.
