@@ -291,7 +291,12 @@ impl Gpt {
     }
 
     fn mlp(&self, blk: &Block, x: &Tensor) -> Result<Tensor> {
-        blk.mlp_proj.forward(&blk.c_fc.forward(x)?.gelu()?)
+        let h = blk.c_fc.forward(x)?;
+        let h = match self.layers {
+            Layers::Minibatch => minibatch::nn::ops::gelu(&h)?,
+            Layers::CandleNn | Layers::CandleOps => h.gelu()?,
+        };
+        blk.mlp_proj.forward(&h)
     }
 }
 
