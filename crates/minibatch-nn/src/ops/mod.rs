@@ -2,13 +2,13 @@
 //! backward passes: softmax, log-softmax, layer and RMS normalisation,
 //! max and average pooling, relu and gelu.
 
-mod gelu;
 mod attention;
+mod gelu;
 mod pool;
 mod relu;
 
-pub use gelu::{gelu, gelu_erf};
 pub use attention::scaled_dot_product_attention;
+pub use gelu::{gelu, gelu_erf};
 pub use pool::{avg_pool2d, avg_pool2d_with_stride, max_pool2d, max_pool2d_with_stride};
 pub use relu::relu;
 
