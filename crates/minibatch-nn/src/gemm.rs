@@ -116,29 +116,45 @@ pub(crate) fn matmul_with<T: GemmFloat>(
     }
     // SAFETY: every index the kernel touches was bounds-checked above
     // (strides are non-negative, so the largest offsets are the last row/col).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            T::ONE,
-            T::ONE,
-            false,
-            false,
-            false,
-            par,
-        )
-    }
+    unsafe { gemm_raw(dst.as_mut_ptr(), dst_rs, a, b, accumulate, par) }
+}
+
+/// The `gemm` crate's kernel, `dst (row stride dst_rs) = a · b` (`+=` with
+/// `accumulate`), with this crate's conventions (α = β = 1, no conjugation).
+///
+/// # Safety
+/// `a` and `b` fit their slices and agree on `k`, `dst` points at a buffer
+/// with room for `(a.rows - 1) * dst_rs + b.cols` elements, and with
+/// `accumulate` those elements are initialised.
+unsafe fn gemm_raw<T: GemmFloat>(
+    dst: *mut T,
+    dst_rs: usize,
+    a: Mat<T>,
+    b: Mat<T>,
+    accumulate: bool,
+    par: Parallelism,
+) {
+    gemm::gemm(
+        a.rows,
+        b.cols,
+        a.cols,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        a.data.as_ptr(),
+        a.cs as isize,
+        a.rs as isize,
+        b.data.as_ptr(),
+        b.cs as isize,
+        b.rs as isize,
+        T::ONE,
+        T::ONE,
+        false,
+        false,
+        false,
+        par,
+    )
 }
 
 /// `a · b` in a new row-major `(a.rows, b.cols)` buffer, written by the
@@ -159,27 +175,7 @@ pub(crate) fn matmul_new<T: GemmFloat>(a: Mat<T>, b: Mat<T>) -> Vec<T> {
     // k-blocks into what it wrote), so all `len` elements are initialised
     // when it returns, and only then is the length set.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            T::ONE,
-            T::ONE,
-            false,
-            false,
-            false,
-            parallelism(m, n, k),
-        );
+        gemm_raw(out.as_mut_ptr(), n, a, b, false, parallelism(m, n, k));
         out.set_len(len);
     }
     out
