@@ -29,7 +29,8 @@
 //! GPT-2's layout: token and learned position embeddings, `--layers`
 //! pre-norm blocks of causal self-attention and a GELU MLP (4x wide), a final
 //! layer norm and a linear head, from `minibatch::nn`'s `Linear`,
-//! `LayerNorm`, `ops::softmax_last_dim` and `ops::log_softmax`.
+//! `LayerNorm`, `ops::scaled_dot_product_attention` (one fused causal
+//! attention op), `ops::gelu` and `ops::log_softmax`.
 //!
 //! **Recipe:** AdamW (betas 0.9/0.99, weight decay 0.1), linear warm-up then
 //! cosine decay per optimizer step (`SequentialLR` of `LinearLR` and
@@ -394,7 +395,8 @@ fn main() -> Result<()> {
             b = b.checkpoint_every_steps(n);
         }
         if a.resume {
-            b = b.resume_from(dir);
+            // corrupt checkpoints are skipped, with a warning naming each
+            b = b.resume_from_latest_valid(dir);
         }
     } else if a.resume {
         bail!("--resume needs --checkpoint-dir");

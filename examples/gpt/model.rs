@@ -24,8 +24,8 @@ use rand::{Rng, SeedableRng};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Layers {
     /// `minibatch::nn`: `Embedding`, `Linear`, `LayerNorm`,
-    /// `ops::softmax_last_dim`, `ops::log_softmax`, with real, fused backward
-    /// passes.
+    /// `ops::scaled_dot_product_attention` (causal), `ops::gelu`,
+    /// `ops::log_softmax`, with real, fused backward passes.
     Minibatch,
     /// candle-nn 0.11's: `Linear`, `LayerNorm` and `ops::softmax_last_dim`
     /// (fused, without backward: the parameters below the last layer norm
@@ -270,6 +270,19 @@ impl Gpt {
         let (b, t, d) = x.dims3()?;
         let h = self.cfg.n_head;
         let hd = d / h;
+        if self.layers == Layers::Minibatch {
+            // One fused op (forward and backward) reading the heads through
+            // their strides: no contiguous copies, no per-head matmuls.
+            let heads = |l: &Lin| l.forward(x)?.reshape((b, t, h, hd))?.transpose(1, 2);
+            let (q, k, v) = (
+                heads(&blk.q_proj)?,
+                heads(&blk.k_proj)?,
+                heads(&blk.v_proj)?,
+            );
+            let y = minibatch::nn::ops::scaled_dot_product_attention(&q, &k, &v, true, None)?;
+            let y = y.transpose(1, 2)?.reshape((b, t, d))?;
+            return blk.attn_proj.forward(&y);
+        }
         // (b, t, d) -> (b, h, t, hd), contiguous for the batched matmuls
         let heads = |l: &Lin| {
             l.forward(x)?
