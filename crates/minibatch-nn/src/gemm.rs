@@ -6,6 +6,8 @@
 
 use gemm::Parallelism;
 
+use crate::im2col::{assume_init, parts, run_parts, uninit};
+
 /// A read-only strided matrix view: element `(i, j)` is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Mat<'a, T> {
@@ -56,18 +58,6 @@ impl GemmFloat for f32 {
 impl GemmFloat for f64 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
-}
-
-/// How many threads a product of this many multiply-adds should use: one for
-/// small products (a thread hand-off costs more than it saves), candle's
-/// thread count otherwise.
-pub(crate) fn parallelism(m: usize, n: usize, k: usize) -> Parallelism {
-    let threads = candle_core::utils::get_num_threads();
-    if threads > 1 && m * n * k >= 48 * 48 * 48 {
-        Parallelism::Rayon(threads)
-    } else {
-        Parallelism::None
-    }
 }
 
 /// `dst = a · b` (or `dst += a · b` with `accumulate`) on one thread, `dst`
@@ -160,6 +150,12 @@ unsafe fn gemm_raw<T: GemmFloat>(
 /// `a · b` in a new row-major `(a.rows, b.cols)` buffer, written by the
 /// kernel without zero-filling it first (one pass less than allocating
 /// zeros and multiplying into them).
+///
+/// Products worth it are split by blocks of output rows over candle's own CPU
+/// thread pool (each block one single-threaded gemm), the pool that candle's
+/// element-wise ops and this crate's other kernels use: a second pool
+/// (rayon's, which the `gemm` crate would use) would compete with candle's
+/// spinning workers for the cores, which made small products slower.
 pub(crate) fn matmul_new<T: GemmFloat>(a: Mat<T>, b: Mat<T>) -> Vec<T> {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(k, b.rows, "gemm: inner dimensions differ");
@@ -168,17 +164,32 @@ pub(crate) fn matmul_new<T: GemmFloat>(a: Mat<T>, b: Mat<T>) -> Vec<T> {
     if k == 0 || len == 0 {
         return vec![T::ZERO; len];
     }
-    let mut out: Vec<T> = Vec::with_capacity(len);
-    // SAFETY: the operands were bounds-checked above and `out` has room for
-    // `m * n` elements; with `read_dst = false` the kernel writes every
-    // element of the destination before it reads any (it accumulates over
-    // k-blocks into what it wrote), so all `len` elements are initialised
-    // when it returns, and only then is the length set.
-    unsafe {
-        gemm_raw(out.as_mut_ptr(), n, a, b, false, parallelism(m, n, k));
-        out.set_len(len);
-    }
-    out
+    let mut out = uninit::<T>(len);
+    let per = m.div_ceil(parts(m, (m * n * k) >> 2)).max(1);
+    run_parts(out.chunks_mut(per * n).collect(), |part, rows| {
+        let r0 = part * per;
+        let block = Mat {
+            data: &a.data[r0 * a.rs..],
+            rows: rows.len() / n,
+            ..a
+        };
+        // SAFETY: `block` is rows r0.. of `a`, inside its (checked) view;
+        // `rows` has room for `block.rows * n` elements. With `read_dst =
+        // false` the kernel writes every element of the destination before
+        // it reads any (it accumulates over k-blocks into what it wrote).
+        unsafe {
+            gemm_raw(
+                rows.as_mut_ptr() as *mut T,
+                n,
+                block,
+                b,
+                false,
+                Parallelism::None,
+            )
+        }
+    });
+    // SAFETY: every block of rows was written by its product above.
+    unsafe { assume_init(out) }
 }
 
 #[cfg(test)]

@@ -381,6 +381,11 @@ pub(crate) fn parts(n: usize, work: usize) -> usize {
     }
 }
 
+thread_local! {
+    /// Whether this thread is running a part of [`run_parts`].
+    static IN_PART: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// `f(i, item)` for every item, the results in order. With more than one
 /// item they run on candle's own CPU thread pool (item `i` on its thread
 /// `i mod threads`), the pool candle's element-wise ops use: its worker
@@ -392,7 +397,9 @@ pub(crate) fn run_parts<I: Send, R: Send>(
     f: impl Fn(usize, I) -> R + Sync,
 ) -> Vec<R> {
     let n = items.len();
-    if n <= 1 {
+    // Nested use (a kernel called from a part of another) would wait on the
+    // pool's call lock that its caller holds: run such parts inline.
+    if n <= 1 || IN_PART.with(|c| c.get()) {
         return items
             .into_iter()
             .enumerate()
@@ -410,7 +417,9 @@ pub(crate) fn run_parts<I: Send, R: Send>(
             // Each slot is locked by its one thread only: no contention.
             let mut slot = slots[i].lock().unwrap_or_else(|e| e.into_inner());
             if let Some(it) = slot.0.take() {
+                IN_PART.with(|c| c.set(true));
                 slot.1 = Some(f(i, it));
+                IN_PART.with(|c| c.set(false));
             }
             i += threads;
         }

@@ -1,19 +1,18 @@
 //! The fused in-place CPU update: a candle `InplaceOp2` that runs an
-//! [`UpdateRule`] over the parameter's storage, chunked over rayon.
+//! [`UpdateRule`] over the parameter's storage, chunked over candle's CPU thread pool.
 
 use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, InplaceOp2, Layout};
 use half::{bf16, f16};
-use rayon::prelude::*;
 
 use crate::rule::MAX_STATE_BUFFERS;
 use crate::{Float, ParamStep, UpdateRule};
 
 /// Tensors with at most this many elements are updated on the calling thread.
 pub(crate) const PARALLEL_THRESHOLD: usize = 1 << 16;
-/// The smallest chunk handed to a rayon task.
+/// The smallest chunk handed to a pool task.
 const MIN_CHUNK: usize = 1 << 15;
 /// Elements converted at a time for bf16/f16 parameters (stack scratch).
 const HALF_BLOCK: usize = 1024;
@@ -98,7 +97,7 @@ impl<R: UpdateRule> InplaceOp2 for FusedUpdate<'_, R> {
     }
 }
 
-/// Raw pointers to one parameter's data, shared by the rayon tasks; each task
+/// Raw pointers to one parameter's data, shared by the pool's tasks; each task
 /// touches a disjoint index range only.
 struct Shared<P, S> {
     param: *mut P,
@@ -111,7 +110,8 @@ struct Shared<P, S> {
 unsafe impl<P: Send, S: Send> Send for Shared<P, S> {}
 unsafe impl<P: Sync, S: Sync> Sync for Shared<P, S> {}
 
-/// Runs `body` over `[0, n)` in chunks, on rayon for large tensors.
+/// Runs `body` over `[0, n)` in chunks, on candle's CPU thread pool for
+/// large tensors.
 fn drive<P, S, B>(param: &mut [P], grad: &[P], state: &mut [Vec<S>], body: B)
 where
     P: Send + Sync,
@@ -122,7 +122,11 @@ where
     debug_assert_eq!(grad.len(), n);
     debug_assert!(state.iter().all(|s| s.len() == n));
     let k = state.len().min(MAX_STATE_BUFFERS);
-    let threads = rayon::current_num_threads();
+    // candle's own CPU pool (the one its element-wise ops use, whose workers
+    // spin a while after each op): a second pool (rayon's) would compete
+    // with those spinning workers for the cores.
+    let pool = candle_core::utils::barrier_pool();
+    let threads = pool.n_workers() + 1;
     if n <= PARALLEL_THRESHOLD || threads <= 1 {
         let mut subs: [&mut [S]; MAX_STATE_BUFFERS] = std::array::from_fn(|_| Default::default());
         for (sub, buf) in subs.iter_mut().zip(state.iter_mut()) {
@@ -143,26 +147,28 @@ where
         state: ptrs,
         n_state: k,
     };
-    (0..n_chunks).into_par_iter().for_each(|c| {
-        let shared = &shared;
-        let start = c * chunk;
-        let len = chunk.min(n - start);
-        // SAFETY: chunks [start, start + len) are disjoint across tasks and in
-        // bounds of every buffer (all have length n); the borrows of `param`,
-        // `grad` and `state` outlive this parallel loop.
-        unsafe {
-            let p = std::slice::from_raw_parts_mut(shared.param.add(start), len);
-            let g = std::slice::from_raw_parts(shared.grad.add(start), len);
-            let mut subs: [&mut [S]; MAX_STATE_BUFFERS] =
-                std::array::from_fn(|_| Default::default());
-            for (sub, ptr) in subs
-                .iter_mut()
-                .zip(shared.state.iter())
-                .take(shared.n_state)
-            {
-                *sub = std::slice::from_raw_parts_mut(ptr.add(start), len);
+    pool.execute_chunked(n_chunks, |chunks| {
+        for c in chunks {
+            let shared = &shared;
+            let start = c * chunk;
+            let len = chunk.min(n - start);
+            // SAFETY: chunks [start, start + len) are disjoint across tasks and in
+            // bounds of every buffer (all have length n); the borrows of `param`,
+            // `grad` and `state` outlive this parallel loop.
+            unsafe {
+                let p = std::slice::from_raw_parts_mut(shared.param.add(start), len);
+                let g = std::slice::from_raw_parts(shared.grad.add(start), len);
+                let mut subs: [&mut [S]; MAX_STATE_BUFFERS] =
+                    std::array::from_fn(|_| Default::default());
+                for (sub, ptr) in subs
+                    .iter_mut()
+                    .zip(shared.state.iter())
+                    .take(shared.n_state)
+                {
+                    *sub = std::slice::from_raw_parts_mut(ptr.add(start), len);
+                }
+                body(p, g, &mut subs[..shared.n_state]);
             }
-            body(p, g, &mut subs[..shared.n_state]);
         }
     });
 }

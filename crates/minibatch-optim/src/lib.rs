@@ -36,7 +36,7 @@
 //! chunk of a parameter is updated from the same chunk of its gradient and of
 //! its state buffers. [`GenericOptimizer`] does the rest: parameter groups,
 //! skipping parameters without gradients, the fused in-place pass over CPU
-//! storage, rayon chunking of big tensors, bf16/f16 parameters (upcast to
+//! storage, chunking of big tensors over candle's CPU pool, bf16/f16 parameters (upcast to
 //! f32, state in f32), saving and loading state (every hyperparameter, once),
 //! guarded hyperparameter changes and learning-rate schedules.
 //!

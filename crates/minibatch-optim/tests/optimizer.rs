@@ -165,7 +165,7 @@ fn state_round_trip_is_bit_identical() {
 
 #[test]
 fn fused_chunked_path_matches_tensor_path() {
-    // > 64k elements: the fused path splits the tensor over rayon.
+    // > 64k elements: the fused path splits the tensor over the thread pool.
     for cfg in [
         AdamConfig::default(),
         AdamConfig {

@@ -4,15 +4,15 @@
 use std::ops::Range;
 
 use candle_core::{CpuStorage, Device, Layout, Result, Shape, Storage, Tensor};
-use rayon::prelude::*;
 
 use super::simd::Float;
+use crate::im2col::run_parts;
 
 /// Below this many elements a kernel runs on the calling thread: handing
-/// work to rayon costs more than it saves.
+/// work to the thread pool costs more than it saves.
 pub(crate) const PAR_MIN_ELEMS: usize = 1 << 15;
 
-/// About how many elements one rayon task handles.
+/// About how many elements one pool task handles.
 const TASK_ELEMS: usize = 1 << 13;
 
 /// The contiguous elements of a CPU storage under `layout`.
@@ -93,14 +93,12 @@ pub(crate) fn row_blocks<T: Float, const J: usize>(
         });
         tasks.push((lo..hi, parts));
     }
-    let partials: Vec<Vec<T>> = tasks
-        .into_par_iter()
-        .map(|(range, parts)| {
-            let mut partial = vec![T::ZERO; m];
-            f(range, parts, &mut partial);
-            partial
-        })
-        .collect();
+    // On candle's CPU pool, as every kernel of this crate (see `run_parts`).
+    let partials: Vec<Vec<T>> = run_parts(tasks, |_, (range, parts)| {
+        let mut partial = vec![T::ZERO; m];
+        f(range, parts, &mut partial);
+        partial
+    });
     for p in &partials {
         for (t, v) in total.iter_mut().zip(p) {
             *t += *v;

@@ -11,7 +11,7 @@
 //! On the CPU (`f32`, `f64`) each is one candle custom op: the forward pass
 //! reads `x` once and writes `y` once (a row stays in L1 between its passes);
 //! the backward pass reads `y` and `dy` once and writes `dx`. Rows run in
-//! parallel on rayon's pool when the tensor is large. `f32`'s exponential is
+//! parallel on candle's CPU pool when the tensor is large. `f32`'s exponential is
 //! [a vectorised polynomial](super::simd::exp_f32) within 2 ulp of `expf`,
 //! so outputs equal candle-nn's to within a few ulp rather than bit for bit.
 //! Other devices and dtypes (and the CPU after

@@ -36,7 +36,7 @@ use param_state::{state_dtype, ParamState};
 /// * **CPU parameters**: one fused in-place pass over the parameter's storage
 ///   (a candle `InplaceOp2`), the gradient and the state buffers (host
 ///   `Vec<f32>`/`Vec<f64>` owned by the optimizer). Tensors above 65 536
-///   elements are split in chunks over the rayon pool. Nothing is allocated.
+///   elements are split in chunks over candle's CPU pool. Nothing is allocated.
 /// * **bf16 / f16 parameters**: blocks of 1024 elements are upcast to f32 in a
 ///   stack buffer, updated against f32 state, and rounded back. The state is
 ///   kept in f32 (like mixed-precision "master" moments).
