@@ -18,9 +18,10 @@ use candle_core::{DType, Device, Module, ModuleT, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder, VarMap};
 use clap::{Parser, ValueEnum};
 use minibatch_data::{mnist, parse_device, DataLoader};
-// `minibatch_nn::Conv2d` and `max_pool2d`: im2col + gemm convolutions with a fast
-// backward pass, and max pooling with PyTorch's gradient (candle's is 1/4 of it).
-use minibatch_nn::ops::max_pool2d;
+// `minibatch_nn::Conv2d`, `max_pool2d` and `relu`: im2col + gemm convolutions with a
+// fast backward pass, max pooling with PyTorch's gradient (candle's is 1/4 of it), and
+// a relu whose backward is one pass.
+use minibatch_nn::ops::{max_pool2d, relu};
 use minibatch_nn::{conv2d, Conv2d};
 // `minibatch_nn::Linear`: candle_nn::Linear's maths with a leaner backward pass.
 use minibatch_nn::{linear, Linear};
@@ -123,7 +124,7 @@ struct Mlp {
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.fc2.forward(&self.fc1.forward(x)?.relu()?)
+        self.fc2.forward(&relu(&self.fc1.forward(x)?)?)
     }
 }
 
@@ -138,10 +139,10 @@ impl Module for Cnn {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let b = x.dim(0)?;
         let x = x.reshape((b, 1, 28, 28))?;
-        let x = max_pool2d(&self.c1.forward(&x)?.relu()?, 2)?; // 16x12x12
-        let x = max_pool2d(&self.c2.forward(&x)?.relu()?, 2)?; // 32x4x4
+        let x = max_pool2d(&relu(&self.c1.forward(&x)?)?, 2)?; // 16x12x12
+        let x = max_pool2d(&relu(&self.c2.forward(&x)?)?, 2)?; // 32x4x4
         let x = x.flatten_from(1)?;
-        self.fc2.forward(&self.fc1.forward(&x)?.relu()?)
+        self.fc2.forward(&relu(&self.fc1.forward(&x)?)?)
     }
 }
 
