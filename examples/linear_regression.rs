@@ -111,21 +111,21 @@ fn diabetes() -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     };
-    println!("  {:<58} {:>8}", "model", "test R²");
+    println!("  {:<66} {:>8}", "model", "test R²");
     println!(
-        "  {:<58} {:>8.4}",
+        "  {:<66} {:>8.4}",
         format!(
             "MiniBatchRegressor (lr {lr}, momentum {momentum}, batch {batch}, {epochs} epochs)"
         ),
         r2
     );
-    println!("  {:<58} {:>8.4}", "closed-form least squares", ls_r2);
+    println!("  {:<66} {:>8.4}", "closed-form least squares", ls_r2);
     println!(
-        "  {:<58} {:>8}",
+        "  {:<66} {:>8}",
         "reference: scikit-learn LinearRegression", "0.4399"
     );
     println!(
-        "  {:<58} {:>8}",
+        "  {:<66} {:>8}",
         "reference: the lesson's MiniBatchRegressor", "0.451-0.455"
     );
     println!(
