@@ -1,7 +1,9 @@
 //! One optimizer step on 10M f32 parameters: minibatch-optim's fused in-place
 //! update against candle_nn's optimizers, the same maths in candle tensor ops,
 //! and the memory-bandwidth bound (a plain in-place slice loop), on 1 thread
-//! and on the whole rayon pool.
+//! and on the whole rayon pool. The fused update runs on candle's CPU thread
+//! pool (all its threads; its size is fixed when it starts, by
+//! `RAYON_NUM_THREADS` or the core count).
 //!
 //! `cargo bench --bench optim_step` (set `OPTIM_BENCH_N` for another size).
 
@@ -27,13 +29,6 @@ fn setup(n: usize) -> (Var, GradStore) {
     let mut grads = GradStore::default();
     grads.insert(p.as_tensor(), g);
     (p, grads)
-}
-
-fn one_thread() -> rayon::ThreadPool {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
-        .build()
-        .unwrap()
 }
 
 /// The bandwidth bound of momentum SGD: read θ, g, b; write θ, b.
@@ -67,7 +62,6 @@ const CHUNK: usize = 1 << 16;
 fn bench_sgd(c: &mut Criterion) {
     let n = n_params();
     let mut group = c.benchmark_group(format!("sgd_momentum_step_{n}"));
-    let single = one_thread();
     let cfg = SgdConfig {
         lr: 1e-3,
         momentum: 0.9,
@@ -78,11 +72,8 @@ fn bench_sgd(c: &mut Criterion) {
         let (p, grads) = setup(n);
         let mut opt = Sgd::new(vec![p], cfg).unwrap();
         opt.step(&grads).unwrap();
-        group.bench_function("minibatch fused, pool", |b| {
+        group.bench_function("minibatch fused, candle pool", |b| {
             b.iter(|| opt.step(black_box(&grads)).unwrap())
-        });
-        group.bench_function("minibatch fused, 1 thread", |b| {
-            b.iter(|| single.install(|| opt.step(black_box(&grads)).unwrap()))
         });
     }
     {
@@ -108,7 +99,7 @@ fn bench_sgd(c: &mut Criterion) {
         group.bench_function("bound: slice loop, 1 thread", |b| {
             b.iter(|| momentum_loop(black_box(&mut p), &g, &mut m, 1e-3, 0.9))
         });
-        group.bench_function("bound: slice loop, pool", |b| {
+        group.bench_function("bound: slice loop, rayon pool", |b| {
             b.iter(|| {
                 p.par_chunks_mut(CHUNK)
                     .zip(g.par_chunks(CHUNK))
@@ -123,16 +114,12 @@ fn bench_sgd(c: &mut Criterion) {
 fn bench_adam(c: &mut Criterion) {
     let n = n_params();
     let mut group = c.benchmark_group(format!("adam_step_{n}"));
-    let single = one_thread();
     {
         let (p, grads) = setup(n);
         let mut opt = Adam::new(vec![p], AdamConfig::default()).unwrap();
         opt.step(&grads).unwrap();
-        group.bench_function("minibatch fused, pool", |b| {
+        group.bench_function("minibatch fused, candle pool", |b| {
             b.iter(|| opt.step(black_box(&grads)).unwrap())
-        });
-        group.bench_function("minibatch fused, 1 thread", |b| {
-            b.iter(|| single.install(|| opt.step(black_box(&grads)).unwrap()))
         });
     }
     {
@@ -173,7 +160,7 @@ fn bench_adam(c: &mut Criterion) {
                 )
             })
         });
-        group.bench_function("bound: slice loop, pool", |b| {
+        group.bench_function("bound: slice loop, rayon pool", |b| {
             b.iter(|| {
                 p.par_chunks_mut(CHUNK)
                     .zip(g.par_chunks(CHUNK))
