@@ -213,7 +213,7 @@ fn values_and_gradients() {
 /// evaluation).
 #[test]
 fn gradients_match_finite_differences() {
-    let x = Tensor::randn(0f64, 1.0, (4, 5), &Device::Cpu).unwrap();
+    let x = common::randn(0f64, 1.0, (4, 5), &Device::Cpu).unwrap();
     let d = Dropout::new(0.3);
     for forced in [false, true] {
         set_tensor_path(forced);
@@ -233,7 +233,7 @@ fn gradients_match_finite_differences() {
 
 #[test]
 fn evaluation_is_identity_and_bad_p_is_an_error() {
-    let x = Tensor::randn(0f32, 1.0, (3, 3), &Device::Cpu).unwrap();
+    let x = common::randn(0f32, 1.0, (3, 3), &Device::Cpu).unwrap();
     let d = Dropout::new(0.5);
     assert_close(&d.forward_t(&x, false).unwrap(), &x, 0.0, 0.0, "eval");
     for p in [1.0f32, -0.1, f32::NAN] {

@@ -53,7 +53,7 @@ fn equals_candle_nn() {
     let dev = Device::Cpu;
     for dtype in [DType::F32, DType::F64] {
         let table = Var::from_tensor(
-            &Tensor::randn(0f32, 1.0, (11, 6), &dev)
+            &common::randn(0f32, 1.0, (11, 6), &dev)
                 .unwrap()
                 .to_dtype(dtype)
                 .unwrap(),
@@ -73,7 +73,7 @@ fn equals_candle_nn() {
         ];
         for ids in &ids_cases {
             let yb = theirs.forward(ids).unwrap();
-            let r = Tensor::randn(0f32, 1.0, yb.shape(), &dev)
+            let r = common::randn(0f32, 1.0, yb.shape(), &dev)
                 .unwrap()
                 .to_dtype(dtype)
                 .unwrap();
@@ -110,9 +110,9 @@ fn equals_candle_nn() {
 #[test]
 fn gradients_match_finite_differences() {
     let dev = Device::Cpu;
-    let table = Tensor::randn(0f64, 1.0, (5, 3), &dev).unwrap();
+    let table = common::randn(0f64, 1.0, (5, 3), &dev).unwrap();
     let ids = Tensor::new(&[[4u32, 1, 4], [0, 4, 2]], &dev).unwrap();
-    let r = Tensor::randn(0f64, 1.0, (2, 3, 3), &dev).unwrap();
+    let r = common::randn(0f64, 1.0, (2, 3, 3), &dev).unwrap();
     both_paths(|_| {
         check_gradients_fd(
             std::slice::from_ref(&table),

@@ -64,11 +64,11 @@ fn matches_pytorch() {
 fn matches_candle_and_the_tensor_path() {
     let dev = Device::Cpu;
     for dtype in [DType::F32, DType::F64] {
-        let x = (Tensor::randn(0f32, 1.0, (96, 2, 200), &dev).unwrap() * 2.5)
+        let x = (common::randn(0f32, 1.0, (96, 2, 200), &dev).unwrap() * 2.5)
             .unwrap()
             .to_dtype(dtype)
             .unwrap();
-        let r = Tensor::randn(0f32, 1.0, (96, 200, 2), &dev)
+        let r = common::randn(0f32, 1.0, (96, 200, 2), &dev)
             .unwrap()
             .to_dtype(dtype)
             .unwrap();

@@ -128,7 +128,7 @@ fn equals_candle_nn() {
         for dtype in [DType::F32, DType::F64] {
             for bias in [true, false] {
                 let rnd = |s: &[usize], sd: f32| {
-                    Tensor::randn(0f32, sd, s, &dev)
+                    common::randn(0f32, sd, s, &dev)
                         .unwrap()
                         .to_dtype(dtype)
                         .unwrap()
@@ -181,13 +181,13 @@ fn equals_candle_nn() {
 #[test]
 fn strided_inputs() {
     let dev = Device::Cpu;
-    let w = Var::from_tensor(&Tensor::randn(0f64, 1.0, (6, 5), &dev).unwrap()).unwrap();
-    let b = Tensor::randn(0f64, 1.0, 6, &dev).unwrap();
+    let w = Var::from_tensor(&common::randn(0f64, 1.0, (6, 5), &dev).unwrap()).unwrap();
+    let b = common::randn(0f64, 1.0, 6, &dev).unwrap();
     let layer = Linear::new(w.as_tensor().clone(), Some(b.clone()));
     let cn = candle_nn::Linear::new(w.as_tensor().clone(), Some(b));
-    let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (5, 9), &dev).unwrap()).unwrap();
+    let x = Var::from_tensor(&common::randn(0f64, 1.0, (5, 9), &dev).unwrap()).unwrap();
     let xt = x.as_tensor().t().unwrap();
-    let x3 = Var::from_tensor(&Tensor::randn(0f64, 1.0, (4, 5, 3), &dev).unwrap()).unwrap();
+    let x3 = Var::from_tensor(&common::randn(0f64, 1.0, (4, 5, 3), &dev).unwrap()).unwrap();
     let x3t = x3.as_tensor().transpose(1, 2).unwrap();
     for (input, var) in [(&xt, &x), (&x3t, &x3)] {
         let y = layer.forward(input).unwrap();
@@ -215,10 +215,10 @@ fn strided_inputs() {
 #[test]
 fn gradients_match_finite_differences() {
     let dev = Device::Cpu;
-    let x = Tensor::randn(0f64, 1.0, (2, 3, 4), &dev).unwrap();
-    let w = Tensor::randn(0f64, 1.0, (5, 4), &dev).unwrap();
-    let b = Tensor::randn(0f64, 1.0, 5, &dev).unwrap();
-    let r = Tensor::randn(0f64, 1.0, (2, 3, 5), &dev).unwrap();
+    let x = common::randn(0f64, 1.0, (2, 3, 4), &dev).unwrap();
+    let w = common::randn(0f64, 1.0, (5, 4), &dev).unwrap();
+    let b = common::randn(0f64, 1.0, 5, &dev).unwrap();
+    let r = common::randn(0f64, 1.0, (2, 3, 5), &dev).unwrap();
     both_paths(|_| {
         check_gradients_fd(
             &[x.clone(), w.clone(), b.clone()],

@@ -106,7 +106,7 @@ fn cross_entropy_equals_candle_nn() {
     for (b, c) in [(1, 1), (3, 7), (64, 10), (5, 32), (9, 33), (4, 100)] {
         for dtype in [DType::F32, DType::F64] {
             let x = Var::from_tensor(
-                &Tensor::randn(0f32, 4.0, (b, c), &dev)
+                &common::randn(0f32, 4.0, (b, c), &dev)
                     .unwrap()
                     .to_dtype(dtype)
                     .unwrap(),
@@ -147,7 +147,7 @@ fn cross_entropy_equals_candle_nn() {
 #[test]
 fn cross_entropy_strided_input() {
     let dev = Device::Cpu;
-    let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (5, 4), &dev).unwrap()).unwrap();
+    let x = Var::from_tensor(&common::randn(0f64, 1.0, (5, 4), &dev).unwrap()).unwrap();
     let t = Tensor::new(&[0u32, 4, 2, 1], &dev).unwrap();
     both_paths(|forced| {
         let a = cross_entropy(&x.as_tensor().t().unwrap(), &t).unwrap();
@@ -170,7 +170,7 @@ fn cross_entropy_strided_input() {
 #[test]
 fn gradients_match_finite_differences() {
     let dev = Device::Cpu;
-    let x = Tensor::randn(0f64, 2.0, (4, 6), &dev).unwrap();
+    let x = common::randn(0f64, 2.0, (4, 6), &dev).unwrap();
     let t = Tensor::new(&[5i64, 0, 3, 3], &dev).unwrap();
     both_paths(|_| {
         check_gradients_fd(
@@ -189,7 +189,7 @@ fn gradients_match_finite_differences() {
         1e-6,
         1e-8,
     );
-    let y = Tensor::randn(0f64, 1.0, (4, 6), &dev).unwrap();
+    let y = common::randn(0f64, 1.0, (4, 6), &dev).unwrap();
     check_gradients_fd(&[x, y], |a| mse(&a[0], &a[1]), 1e-5, 1e-6, 1e-8);
 }
 
@@ -198,7 +198,7 @@ fn gradients_match_finite_differences() {
 #[test]
 fn cross_entropy_is_log_softmax_then_nll() {
     let dev = Device::Cpu;
-    let x = Var::from_tensor(&Tensor::randn(0f64, 3.0, (7, 9), &dev).unwrap()).unwrap();
+    let x = Var::from_tensor(&common::randn(0f64, 3.0, (7, 9), &dev).unwrap()).unwrap();
     let t = Tensor::new(&[8u32, 0, 1, 4, 4, 2, 7], &dev).unwrap();
     let composed = nll(&candle_nn::ops::log_softmax(x.as_tensor(), 1).unwrap(), &t).unwrap();
     let gc = composed.backward().unwrap();
@@ -259,7 +259,7 @@ fn bad_inputs_are_errors() {
 #[test]
 fn no_gradient_for_targets_or_plain_inputs() {
     let dev = Device::Cpu;
-    let x = Tensor::randn(0f32, 1.0, (2, 3), &dev).unwrap();
+    let x = common::randn(0f32, 1.0, (2, 3), &dev).unwrap();
     let t = Tensor::new(&[2u32, 0], &dev).unwrap();
     let loss = cross_entropy(&x, &t).unwrap();
     assert!(loss.backward().unwrap().get(&x).is_none());

@@ -122,7 +122,7 @@ fn forward_matches_candle() {
         ((3, 5, 9, 11), (3, 3), (2, 2)),
         ((2, 3, 7, 8), (2, 3), (1, 2)),
     ] {
-        let x = Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
+        let x = common::randn(0f32, 1.0, shape, &dev).unwrap();
         let ours = max_pool2d_with_stride(&x, k, s).unwrap();
         let theirs = x.max_pool2d_with_stride(k, s).unwrap();
         assert_eq!(
@@ -142,8 +142,8 @@ fn forward_matches_candle() {
 #[test]
 fn threaded_planes_match_the_tensor_path() {
     let dev = Device::Cpu;
-    let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (8, 6, 20, 18), &dev).unwrap()).unwrap();
-    let r = Tensor::randn(0f64, 1.0, (8, 6, 9, 8), &dev).unwrap();
+    let x = Var::from_tensor(&common::randn(0f64, 1.0, (8, 6, 20, 18), &dev).unwrap()).unwrap();
+    let r = common::randn(0f64, 1.0, (8, 6, 9, 8), &dev).unwrap();
     for op in ["max", "avg"] {
         let run = |tp: bool| {
             set_tensor_path(tp);

@@ -54,8 +54,8 @@ fn nan_stays_nan_and_passes_no_gradient() {
 #[test]
 fn matches_candle_relu_and_the_tensor_path() {
     let dev = Device::Cpu;
-    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (64, 16, 24, 24), &dev).unwrap()).unwrap();
-    let r = Tensor::randn(0f32, 1.0, (64, 16, 24, 24), &dev).unwrap();
+    let x = Var::from_tensor(&common::randn(0f32, 1.0, (64, 16, 24, 24), &dev).unwrap()).unwrap();
+    let r = common::randn(0f32, 1.0, (64, 16, 24, 24), &dev).unwrap();
     let run = |tp: bool| {
         set_tensor_path(tp);
         // A transposed view: the op must handle strided inputs.

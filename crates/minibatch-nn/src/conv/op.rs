@@ -5,6 +5,7 @@
 
 use candle_core::{CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 
+use crate::cpu::contiguous;
 use crate::gemm::{matmul_seq, Mat};
 use crate::im2col::{
     assume_init, col2im_add, fill_uninit, im2col, parts, run_parts, sum, uninit, ConvFloat, Geom,
@@ -160,15 +161,11 @@ impl ConvOp {
     }
 }
 
-/// The elements of a contiguous CPU storage from its layout's offset.
+/// [`contiguous`] of a `(storage, layout)` pair (for `Option::map`).
 fn host<'a, T: candle_core::WithDType>(
     (s, l): (&'a candle_core::CpuStorage, &Layout),
 ) -> candle_core::Result<&'a [T]> {
-    let all = T::cpu_storage_as_slice(s)?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&all[a..b]),
-        None => candle_core::bail!("conv2d: the fused kernel needs contiguous tensors"),
-    }
+    contiguous(s, l, "conv2d")
 }
 
 impl CustomOp3 for ConvOp {

@@ -14,8 +14,8 @@ use std::mem::MaybeUninit;
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 
+use super::elementwise::{cpu_bwd, cpu_fwd, map};
 use crate::dispatch::cpu_kernel;
-use crate::im2col::{assume_init, parts, run_parts, uninit};
 use crate::ops::simd::{exp_f32, has_avx2};
 
 /// The GELU of the tanh approximation, elementwise, with a fast backward
@@ -235,30 +235,9 @@ fn dgelu_loop<T: GeluFloat>(x: &[T], g: &[T], out: &mut [MaybeUninit<T>]) {
 avx2_dispatch!(gelu_slice(x: &[T], out: &mut [MaybeUninit<T>]) => gelu_loop);
 avx2_dispatch!(dgelu_slice(x: &[T], g: &[T], out: &mut [MaybeUninit<T>]) => dgelu_loop);
 
-/// The elements of a contiguous CPU storage, `T`-typed, from the layout's offset.
-fn host<'a, T: candle_core::WithDType>(
-    s: &'a CpuStorage,
-    l: &Layout,
-) -> candle_core::Result<&'a [T]> {
-    let all = T::cpu_storage_as_slice(s)?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&all[a..b]),
-        None => candle_core::bail!("gelu: the fused kernel needs a contiguous tensor"),
-    }
-}
-
-/// `out = f(chunk of out, offset)` over `n` elements, split over threads
-/// when large (a `tanh` or `erf` costs tens of flops an element).
-fn map<T: Copy + Send + Sync>(n: usize, f: impl Fn(&mut [MaybeUninit<T>], usize) + Sync) -> Vec<T> {
-    let mut out = uninit::<T>(n);
-    let per = n.div_ceil(parts(n, n.saturating_mul(8))).max(1);
-    run_parts(out.chunks_mut(per).collect(), |k, chunk| f(chunk, k * per));
-    // SAFETY: `f` writes every element of its chunk (below).
-    unsafe { assume_init(out) }
-}
-
 fn fwd<T: GeluFloat>(kind: Kind, x: &[T]) -> Vec<T> {
-    map(x.len(), |out, at| {
+    // A tanh or erf costs tens of flops an element.
+    map(x.len(), x.len().saturating_mul(8), |out, at| {
         let x = &x[at..at + out.len()];
         match kind {
             Kind::Tanh => gelu_slice(x, out),
@@ -272,7 +251,7 @@ fn fwd<T: GeluFloat>(kind: Kind, x: &[T]) -> Vec<T> {
 }
 
 fn bwd<T: GeluFloat>(kind: Kind, x: &[T], g: &[T]) -> Vec<T> {
-    map(x.len(), |out, at| {
+    map(x.len(), x.len().saturating_mul(8), |out, at| {
         let (x, g) = (&x[at..at + out.len()], &g[at..at + out.len()]);
         match kind {
             Kind::Tanh => dgelu_slice(x, g, out),
@@ -294,12 +273,8 @@ impl CustomOp1 for GeluOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = match s {
-            CpuStorage::F32(_) => CpuStorage::F32(fwd(self.0, host::<f32>(s, l)?)),
-            CpuStorage::F64(_) => CpuStorage::F64(fwd(self.0, host::<f64>(s, l)?)),
-            _ => candle_core::bail!("gelu: the fused kernel runs on f32 or f64 only"),
-        };
-        Ok((out, l.shape().clone()))
+        let k = self.0;
+        cpu_fwd("gelu", s, l, |x| fwd::<f32>(k, x), |x| fwd::<f64>(k, x))
     }
 
     fn bwd(
@@ -308,32 +283,14 @@ impl CustomOp1 for GeluOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let grad = grad.contiguous()?;
-        let (xs, xl) = arg.storage_and_layout();
-        let (gs, gl) = grad.storage_and_layout();
-        let (candle_core::Storage::Cpu(xs), candle_core::Storage::Cpu(gs)) = (&*xs, &*gs) else {
-            candle_core::bail!("gelu: the fused backward got a tensor off the CPU");
-        };
-        if xl.shape() != gl.shape() {
-            candle_core::bail!(
-                "gelu: gradient of shape {:?} for an input of shape {:?}",
-                gl.dims(),
-                xl.dims()
-            );
-        }
-        let dx = match xs {
-            CpuStorage::F32(_) => Tensor::from_vec(
-                bwd(self.0, host::<f32>(xs, xl)?, host::<f32>(gs, gl)?),
-                arg.shape(),
-                arg.device(),
-            )?,
-            CpuStorage::F64(_) => Tensor::from_vec(
-                bwd(self.0, host::<f64>(xs, xl)?, host::<f64>(gs, gl)?),
-                arg.shape(),
-                arg.device(),
-            )?,
-            _ => candle_core::bail!("gelu: the fused kernel runs on f32 or f64 only"),
-        };
-        Ok(Some(dx))
+        let k = self.0;
+        cpu_bwd(
+            "gelu",
+            arg,
+            grad,
+            |x, g| bwd::<f32>(k, x, g),
+            |x, g| bwd::<f64>(k, x, g),
+        )
+        .map(Some)
     }
 }

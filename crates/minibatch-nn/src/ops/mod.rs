@@ -3,6 +3,7 @@
 //! max and average pooling, relu and gelu.
 
 mod attention;
+mod elementwise;
 mod gelu;
 mod pool;
 mod relu;

@@ -29,6 +29,7 @@ use std::sync::OnceLock;
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, ToUsize2};
 
+use crate::cpu::contiguous;
 use crate::dispatch::cpu_kernel;
 use crate::error::NnError;
 use crate::im2col::{assume_init, fill_uninit, parts, run_parts, uninit, ConvFloat};
@@ -211,18 +212,6 @@ pub fn avg_pool2d_with_stride<T: ToUsize2>(
     win.windows(x)?.mean(3)?.reshape((n, c, win.oh, win.ow))
 }
 
-/// The elements of a contiguous CPU storage, `T`-typed, from the layout's offset.
-fn host<'a, T: candle_core::WithDType>(
-    s: &'a CpuStorage,
-    l: &Layout,
-) -> candle_core::Result<&'a [T]> {
-    let all = T::cpu_storage_as_slice(s)?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&all[a..b]),
-        None => candle_core::bail!("pool2d: the fused kernel needs a contiguous tensor"),
-    }
-}
-
 /// Runs `f(first_plane, out_chunk)` over the planes of a `(planes·len)`
 /// output, split over threads in parts of `per` planes.
 fn over_planes<T: Send>(
@@ -378,11 +367,11 @@ impl CustomOp1 for MaxPoolOp {
         }
         let (out, am) = match s {
             CpuStorage::F32(_) => {
-                let (o, a) = max_fwd(host::<f32>(s, l)?, &self.win);
+                let (o, a) = max_fwd(contiguous::<f32>(s, l, "pool2d")?, &self.win);
                 (CpuStorage::F32(o), a)
             }
             CpuStorage::F64(_) => {
-                let (o, a) = max_fwd(host::<f64>(s, l)?, &self.win);
+                let (o, a) = max_fwd(contiguous::<f64>(s, l, "pool2d")?, &self.win);
                 (CpuStorage::F64(o), a)
             }
             _ => candle_core::bail!("max_pool2d: the fused kernel runs on f32 or f64 only"),
@@ -407,12 +396,12 @@ impl CustomOp1 for MaxPoolOp {
         };
         let dx = match s {
             CpuStorage::F32(_) => Tensor::from_vec(
-                max_bwd(host::<f32>(s, l)?, am, &self.win),
+                max_bwd(contiguous::<f32>(s, l, "pool2d")?, am, &self.win),
                 arg.shape(),
                 arg.device(),
             )?,
             CpuStorage::F64(_) => Tensor::from_vec(
-                max_bwd(host::<f64>(s, l)?, am, &self.win),
+                max_bwd(contiguous::<f64>(s, l, "pool2d")?, am, &self.win),
                 arg.shape(),
                 arg.device(),
             )?,
@@ -490,8 +479,12 @@ impl CustomOp1 for AvgPoolOp {
             candle_core::bail!("avg_pool2d: input {:?} changed", l.dims());
         }
         let out = match s {
-            CpuStorage::F32(_) => CpuStorage::F32(avg_fwd(host::<f32>(s, l)?, &self.win)),
-            CpuStorage::F64(_) => CpuStorage::F64(avg_fwd(host::<f64>(s, l)?, &self.win)),
+            CpuStorage::F32(_) => {
+                CpuStorage::F32(avg_fwd(contiguous::<f32>(s, l, "pool2d")?, &self.win))
+            }
+            CpuStorage::F64(_) => {
+                CpuStorage::F64(avg_fwd(contiguous::<f64>(s, l, "pool2d")?, &self.win))
+            }
             _ => candle_core::bail!("avg_pool2d: the fused kernel runs on f32 or f64 only"),
         };
         Ok((out, Shape::from((n, c, self.win.oh, self.win.ow))))
@@ -510,12 +503,12 @@ impl CustomOp1 for AvgPoolOp {
         };
         let dx = match s {
             CpuStorage::F32(_) => Tensor::from_vec(
-                avg_bwd(host::<f32>(s, l)?, &self.win),
+                avg_bwd(contiguous::<f32>(s, l, "pool2d")?, &self.win),
                 arg.shape(),
                 arg.device(),
             )?,
             CpuStorage::F64(_) => Tensor::from_vec(
-                avg_bwd(host::<f64>(s, l)?, &self.win),
+                avg_bwd(contiguous::<f64>(s, l, "pool2d")?, &self.win),
                 arg.shape(),
                 arg.device(),
             )?,

@@ -10,12 +10,11 @@
 //! over the gradient and the output; elsewhere (and with
 //! [`crate::set_tensor_path`]) it is candle's `relu`.
 
-use std::mem::MaybeUninit;
-
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 
+use super::elementwise::{cpu_bwd, cpu_fwd, map};
 use crate::dispatch::cpu_kernel;
-use crate::im2col::{assume_init, parts, run_parts, uninit, ConvFloat};
+use crate::im2col::ConvFloat;
 
 /// The rectified linear unit `max(x, 0)`, elementwise, with a fast
 /// backward pass on the CPU. Same values as candle's `Tensor::relu`
@@ -42,30 +41,8 @@ pub fn relu(x: &Tensor) -> candle_core::Result<Tensor> {
 
 struct ReluOp;
 
-/// The elements of a contiguous CPU storage, `T`-typed, from the layout's offset.
-fn host<'a, T: candle_core::WithDType>(
-    s: &'a CpuStorage,
-    l: &Layout,
-) -> candle_core::Result<&'a [T]> {
-    let all = T::cpu_storage_as_slice(s)?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&all[a..b]),
-        None => candle_core::bail!("relu: the fused kernel needs a contiguous tensor"),
-    }
-}
-
-/// `out = f(chunk of out, offset)` over `n` elements, split over threads
-/// when large.
-fn map<T: ConvFloat>(n: usize, f: impl Fn(&mut [MaybeUninit<T>], usize) + Sync) -> Vec<T> {
-    let mut out = uninit::<T>(n);
-    let per = n.div_ceil(parts(n, n / 4)).max(1);
-    run_parts(out.chunks_mut(per).collect(), |k, chunk| f(chunk, k * per));
-    // SAFETY: `f` writes every element of its chunk (below).
-    unsafe { assume_init(out) }
-}
-
 fn fwd<T: ConvFloat>(x: &[T]) -> Vec<T> {
-    map(x.len(), |out, at| {
+    map(x.len(), x.len() / 4, |out, at| {
         let x = &x[at..at + out.len()];
         for (o, &v) in out.iter_mut().zip(x) {
             // `v <= 0` is false for NaN, which stays.
@@ -75,7 +52,7 @@ fn fwd<T: ConvFloat>(x: &[T]) -> Vec<T> {
 }
 
 fn bwd<T: ConvFloat>(y: &[T], g: &[T]) -> Vec<T> {
-    map(y.len(), |out, at| {
+    map(y.len(), y.len() / 4, |out, at| {
         let (y, g) = (&y[at..at + out.len()], &g[at..at + out.len()]);
         for ((o, &y), &g) in out.iter_mut().zip(y).zip(g) {
             o.write(if y > T::ZERO { g } else { T::ZERO });
@@ -89,12 +66,7 @@ impl CustomOp1 for ReluOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = match s {
-            CpuStorage::F32(_) => CpuStorage::F32(fwd(host::<f32>(s, l)?)),
-            CpuStorage::F64(_) => CpuStorage::F64(fwd(host::<f64>(s, l)?)),
-            _ => candle_core::bail!("relu: the fused kernel runs on f32 or f64 only"),
-        };
-        Ok((out, l.shape().clone()))
+        cpu_fwd("relu", s, l, fwd::<f32>, fwd::<f64>)
     }
 
     fn bwd(
@@ -103,32 +75,6 @@ impl CustomOp1 for ReluOp {
         res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let grad = grad.contiguous()?;
-        let (ys, yl) = res.storage_and_layout();
-        let (gs, gl) = grad.storage_and_layout();
-        let (candle_core::Storage::Cpu(ys), candle_core::Storage::Cpu(gs)) = (&*ys, &*gs) else {
-            candle_core::bail!("relu: the fused backward got a tensor off the CPU");
-        };
-        if yl.shape() != gl.shape() {
-            candle_core::bail!(
-                "relu: gradient of shape {:?} for an output of shape {:?}",
-                gl.dims(),
-                yl.dims()
-            );
-        }
-        let dx = match ys {
-            CpuStorage::F32(_) => Tensor::from_vec(
-                bwd(host::<f32>(ys, yl)?, host::<f32>(gs, gl)?),
-                res.shape(),
-                res.device(),
-            )?,
-            CpuStorage::F64(_) => Tensor::from_vec(
-                bwd(host::<f64>(ys, yl)?, host::<f64>(gs, gl)?),
-                res.shape(),
-                res.device(),
-            )?,
-            _ => candle_core::bail!("relu: the fused kernel runs on f32 or f64 only"),
-        };
-        Ok(Some(dx))
+        cpu_bwd("relu", res, grad, bwd::<f32>, bwd::<f64>).map(Some)
     }
 }

@@ -21,11 +21,7 @@ pub(crate) fn slice<'a, T: Float>(
     layout: &Layout,
     what: &str,
 ) -> Result<&'a [T]> {
-    let data = T::cpu_storage_as_slice(s)?;
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("{what}: expected a contiguous layout"),
-    }
+    crate::cpu::contiguous(s, layout, what)
 }
 
 /// Runs `f` on the contiguous elements of each CPU tensor of `ts` (copied to

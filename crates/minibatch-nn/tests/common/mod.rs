@@ -105,3 +105,36 @@ pub fn check_gradients_fd(
         assert_close(analytic, &numeric, rtol, atol, &format!("d/d input {k}"));
     }
 }
+
+thread_local! {
+    /// The normal draws of [`randn`]: a fixed seed per thread, and the test
+    /// harness runs each test on its own thread, so every test sees the same
+    /// numbers on every run (candle's CPU `Tensor::randn` cannot be seeded).
+    static RNG: std::cell::RefCell<rand_chacha::ChaCha8Rng> =
+        std::cell::RefCell::new(rand::SeedableRng::seed_from_u64(0x5eed));
+}
+
+/// `Tensor::randn`'s signature with seeded, reproducible draws (Box-Muller
+/// over ChaCha8), so a test passes or fails the same way on every run.
+pub fn randn<T: candle_core::FloatDType>(
+    mean: T,
+    std: T,
+    shape: impl Into<candle_core::Shape>,
+    dev: &Device,
+) -> candle_core::Result<Tensor> {
+    use rand::Rng;
+    let shape = shape.into();
+    let (mean, std) = (mean.to_f64(), std.to_f64());
+    let n = shape.elem_count();
+    let v: Vec<f64> = RNG.with(|r| {
+        let mut r = r.borrow_mut();
+        (0..n)
+            .map(|_| {
+                let u1: f64 = r.random_range(f64::MIN_POSITIVE..1.0);
+                let u2: f64 = r.random::<f64>();
+                mean + std * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+            })
+            .collect()
+    });
+    Tensor::from_vec(v, shape, dev)?.to_dtype(T::DTYPE)
+}
