@@ -2,24 +2,16 @@
 //! evaluation mode, both paths and every device giving the same masks.
 
 mod common;
+use common::to_f64_vec;
 
 use candle_core::{DType, Device, ModuleT, Tensor, Var};
 use common::{assert_close, check_gradients_fd, devices};
 use minibatch_nn::{set_rng_step, set_tensor_path, Dropout};
 
-fn vals(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap()
-}
-
 /// The kept positions of a dropout of ones.
 fn mask_of(d: &Dropout, n: usize, dev: &Device, dtype: DType) -> Vec<bool> {
     let x = Tensor::ones(n, dtype, dev).unwrap();
-    vals(&d.forward(&x, true).unwrap())
+    to_f64_vec(&d.forward(&x, true).unwrap())
         .iter()
         .map(|&v| v != 0.0)
         .collect()
@@ -77,7 +69,7 @@ fn resume_replays_masks() {
         for s in steps {
             set_rng_step(s);
             for d in &drops {
-                out.push(vals(&d.forward(&x, true).unwrap()));
+                out.push(to_f64_vec(&d.forward(&x, true).unwrap()));
             }
         }
         out
@@ -172,8 +164,8 @@ fn values_and_gradients() {
                 set_rng_step(77);
                 let y = d.forward(x.as_tensor(), true).unwrap();
                 assert_eq!(y.dims(), &[3, 4, 5]);
-                let yv = vals(&y);
-                let xv = vals(x.as_tensor());
+                let yv = to_f64_vec(&y);
+                let xv = to_f64_vec(x.as_tensor());
                 let s = if dtype == DType::F32 {
                     scale as f32 as f64
                 } else {
@@ -186,7 +178,7 @@ fn values_and_gradients() {
                     );
                 }
                 let g = (&y * 2.0).unwrap().sum_all().unwrap().backward().unwrap();
-                let gv = vals(g.get(x.as_tensor()).unwrap());
+                let gv = to_f64_vec(g.get(x.as_tensor()).unwrap());
                 for (gi, yi) in gv.iter().zip(&yv) {
                     let want = if *yi != 0.0 { 2.0 * s } else { 0.0 };
                     assert!(

@@ -6,16 +6,8 @@ mod common;
 
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use common::{assert_close, check_gradients_fd, devices, load_fixture};
-use minibatch_nn::{linear, linear_b, linear_no_bias, set_tensor_path, Linear};
-
-fn both_paths(mut f: impl FnMut(bool)) {
-    for forced in [false, true] {
-        set_tensor_path(forced);
-        f(forced);
-    }
-    set_tensor_path(false);
-}
+use common::{assert_close, both_paths, check_gradients_fd, devices, load_fixture};
+use minibatch_nn::{linear, linear_b, linear_no_bias, Linear};
 
 fn tol(dtype: DType) -> (f64, f64) {
     match dtype {

@@ -10,19 +10,10 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use common::{assert_close, check_gradients_fd, devices, load_fixture};
+use common::{assert_close, both_paths, check_gradients_fd, devices, load_fixture};
 use minibatch_nn::{ops, set_tensor_path, LayerNorm, LayerNormConfig, RmsNorm};
 
 const FIXTURE: &str = "norm_softmax_rope.safetensors";
-
-/// Runs `f` once on the fused path and once on the forced tensor path.
-fn both_paths(mut f: impl FnMut(bool)) {
-    for forced in [false, true] {
-        set_tensor_path(forced);
-        f(forced);
-    }
-    set_tensor_path(false);
-}
 
 fn tol(dtype: DType) -> (f64, f64) {
     match dtype {

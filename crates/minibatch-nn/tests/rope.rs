@@ -7,7 +7,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use common::{assert_close, check_gradients_fd, devices, load_fixture};
+use common::{assert_close, both_paths, check_gradients_fd, devices, load_fixture};
 use minibatch_nn::rotary_emb::{rope, rope_i, rope_thd};
 use minibatch_nn::set_tensor_path;
 
@@ -21,15 +21,6 @@ const KINDS: [(&str, RopeFn, RopeFn); 3] = [
     ("interleaved", rope_i, candle_nn::rotary_emb::rope_i),
     ("thd", rope_thd, candle_nn::rotary_emb::rope_thd),
 ];
-
-/// Runs `f` once on the fused path and once on the forced tensor path.
-fn both_paths(mut f: impl FnMut(bool)) {
-    for forced in [false, true] {
-        set_tensor_path(forced);
-        f(forced);
-    }
-    set_tensor_path(false);
-}
 
 fn tol(dtype: DType) -> (f64, f64) {
     match dtype {

@@ -6,20 +6,11 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use common::{assert_close, check_gradients_fd, devices, load_fixture};
+use common::{assert_close, both_paths, check_gradients_fd, devices, load_fixture};
 use minibatch_nn::ops::{log_softmax, softmax, softmax_last_dim};
 use minibatch_nn::set_tensor_path;
 
 const FIXTURE: &str = "norm_softmax_rope.safetensors";
-
-/// Runs `f` once on the fused path and once on the forced tensor path.
-fn both_paths(mut f: impl FnMut(bool)) {
-    for forced in [false, true] {
-        set_tensor_path(forced);
-        f(forced);
-    }
-    set_tensor_path(false);
-}
 
 fn tol(dtype: DType) -> (f64, f64) {
     match dtype {

@@ -34,7 +34,8 @@ pub fn devices() -> Vec<Device> {
     v
 }
 
-fn to_f64_vec(t: &Tensor) -> Vec<f64> {
+/// The elements of `t`, flattened, as f64.
+pub fn to_f64_vec(t: &Tensor) -> Vec<f64> {
     t.to_dtype(DType::F64)
         .unwrap()
         .flatten_all()
@@ -137,4 +138,14 @@ pub fn randn<T: candle_core::FloatDType>(
             .collect()
     });
     Tensor::from_vec(v, shape, dev)?.to_dtype(T::DTYPE)
+}
+
+/// Runs `f` once on the fused path and once on the forced tensor path
+/// (`set_tensor_path`, per thread), and leaves the fused path on.
+pub fn both_paths(mut f: impl FnMut(bool)) {
+    for forced in [false, true] {
+        minibatch_nn::set_tensor_path(forced);
+        f(forced);
+    }
+    minibatch_nn::set_tensor_path(false);
 }
