@@ -3,9 +3,8 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use candle_core::Device;
 
@@ -14,6 +13,7 @@ use crate::dataset::Dataset;
 use crate::error::{DataError, Result};
 use crate::sampler::BatchSampler;
 use crate::stream_epoch::{StreamEpoch, StreamPlan};
+use crate::workers::Workers;
 
 /// What every batch of one epoch needs; built by the
 /// [`DataLoader`](crate::DataLoader) and shared with worker threads.
@@ -53,23 +53,18 @@ impl Plan {
 /// of the single-threaded loop.
 struct Pool {
     start: usize,
-    receivers: Vec<Receiver<Result<Batch>>>,
-    handles: Vec<JoinHandle<()>>,
-    stop: Arc<AtomicBool>,
+    workers: Workers<Result<Batch>>,
 }
 
 impl Pool {
-    fn spawn(plan: &Arc<Plan>, start: usize, workers: usize, prefetch: usize) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut receivers = Vec::with_capacity(workers);
-        let mut handles = Vec::with_capacity(workers);
-        for w in 0..workers {
-            let (tx, rx) = sync_channel::<Result<Batch>>(prefetch);
-            let plan = Arc::clone(plan);
-            let stop = Arc::clone(&stop);
-            let spawned = std::thread::Builder::new()
-                .name(format!("minibatch-worker-{w}"))
-                .spawn(move || {
+    fn spawn(plan: &Arc<Plan>, start: usize, n: usize, prefetch: usize) -> Self {
+        let workers = Workers::spawn(
+            n,
+            prefetch,
+            "minibatch-worker",
+            |w| {
+                let plan = Arc::clone(plan);
+                move |tx: &SyncSender<Result<Batch>>, stop: &AtomicBool| {
                     let num_batches = plan.num_batches();
                     let mut b = start + w;
                     while b < num_batches && !stop.load(Ordering::Relaxed) {
@@ -83,50 +78,22 @@ impl Pool {
                         if tx.send(item).is_err() {
                             break; // the consumer went away
                         }
-                        b += workers;
+                        b += n;
                     }
-                });
-            match spawned {
-                Ok(h) => {
-                    handles.push(h);
-                    receivers.push(rx);
                 }
-                Err(e) => {
-                    // Could not start a thread: report it in place of this worker's batches.
-                    let (tx, rx) = sync_channel(1);
-                    let _ = tx.send(Err(DataError::Worker(format!(
-                        "cannot spawn worker thread: {e}"
-                    ))));
-                    receivers.push(rx);
-                }
-            }
-        }
-        Self {
-            start,
-            receivers,
-            handles,
-            stop,
-        }
+            },
+            |e| Err(DataError::Worker(e)),
+        );
+        Self { start, workers }
     }
 
     fn recv(&self, b: usize) -> Result<Batch> {
-        let w = (b - self.start) % self.receivers.len();
-        self.receivers[w].recv().unwrap_or_else(|_| {
+        let w = (b - self.start) % self.workers.len();
+        self.workers.recv(w).unwrap_or_else(|| {
             Err(DataError::Worker(format!(
                 "worker {w} stopped before batch {b}"
             )))
         })
-    }
-}
-
-impl Drop for Pool {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        // Dropping the receivers unblocks workers waiting in `send`.
-        self.receivers.clear();
-        for h in self.handles.drain(..) {
-            let _ = h.join();
-        }
     }
 }
 

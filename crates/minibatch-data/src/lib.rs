@@ -59,6 +59,7 @@ mod stream_order;
 mod subset;
 mod tensor_dataset;
 mod token_windows;
+mod workers;
 
 pub use batch::{Batch, Sample};
 pub use collate::collate;

@@ -4,9 +4,8 @@
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::{Arc, OnceLock};
-use std::thread::JoinHandle;
+use std::sync::mpsc::SyncSender;
+use std::sync::OnceLock;
 
 use candle_core::Device;
 
@@ -16,6 +15,7 @@ use crate::error::{DataError, Result};
 use crate::sampler::BatchSampler;
 use crate::stream::{ShardIter, StreamDataset};
 use crate::stream_order::{RoundRobin, ShuffleBuffer};
+use crate::workers::Workers;
 
 /// What one stream epoch needs; built by the [`DataLoader`](crate::DataLoader).
 pub(crate) struct StreamPlan {
@@ -117,54 +117,39 @@ impl Source {
 /// worker `j % n`, which takes its slots' turns in the same round-robin order
 /// as the consumer and sends them in chunks over its own bounded channel.
 struct Pool {
-    receivers: Vec<Receiver<Vec<Msg>>>,
+    workers: Workers<Vec<Msg>>,
     pending: Vec<VecDeque<Msg>>,
-    handles: Vec<JoinHandle<()>>,
-    stop: Arc<AtomicBool>,
 }
 
 impl Pool {
-    fn spawn(plan: &StreamPlan, shards: &[usize], workers: usize) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
+    fn spawn(plan: &StreamPlan, shards: &[usize], n: usize) -> Self {
         let chunk = plan.batches.batch_size().clamp(1, 1024);
-        let mut receivers = Vec::with_capacity(workers);
-        let mut handles = Vec::with_capacity(workers);
-        for w in 0..workers {
-            let (tx, rx) = sync_channel::<Vec<Msg>>(plan.prefetch.max(1));
-            let mine: Vec<usize> = shards.iter().copied().skip(w).step_by(workers).collect();
-            let stream = plan.stream.clone();
-            let stop = Arc::clone(&stop);
-            let spawned = std::thread::Builder::new()
-                .name(format!("minibatch-stream-worker-{w}"))
-                .spawn(move || work(w, &stream, &mine, chunk, &tx, &stop));
-            match spawned {
-                Ok(h) => handles.push(h),
-                Err(e) => {
-                    // Report it in place of this worker's first turn.
-                    let (tx, rx1) = sync_channel(1);
-                    let _ = tx.send(vec![Msg::Fatal(DataError::Worker(format!(
-                        "cannot spawn stream worker thread: {e}"
-                    )))]);
-                    receivers.push(rx1);
-                    continue;
+        let workers = Workers::spawn(
+            n,
+            plan.prefetch.max(1),
+            "minibatch-stream-worker",
+            |w| {
+                let mine: Vec<usize> = shards.iter().copied().skip(w).step_by(n).collect();
+                let stream = plan.stream.clone();
+                move |tx: &SyncSender<Vec<Msg>>, stop: &AtomicBool| {
+                    work(w, &stream, &mine, chunk, tx, stop)
                 }
-            }
-            receivers.push(rx);
-        }
+            },
+            // Reported in place of this worker's first turn.
+            |e| vec![Msg::Fatal(DataError::Worker(e))],
+        );
         Self {
-            pending: (0..workers).map(|_| VecDeque::new()).collect(),
-            receivers,
-            handles,
-            stop,
+            pending: (0..n).map(|_| VecDeque::new()).collect(),
+            workers,
         }
     }
 
     fn recv(&mut self, slot: usize) -> Msg {
-        let w = slot % self.receivers.len();
+        let w = slot % self.workers.len();
         if self.pending[w].is_empty() {
-            match self.receivers[w].recv() {
-                Ok(chunk) => self.pending[w].extend(chunk),
-                Err(_) => {
+            match self.workers.recv(w) {
+                Some(chunk) => self.pending[w].extend(chunk),
+                None => {
                     return Msg::Fatal(DataError::Worker(format!(
                         "stream worker {w} stopped before its shards ended"
                     )))
@@ -176,17 +161,6 @@ impl Pool {
                 "stream worker {w} sent an empty chunk"
             )))
         })
-    }
-}
-
-impl Drop for Pool {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        // Dropping the receivers unblocks workers waiting in `send`.
-        self.receivers.clear();
-        for h in self.handles.drain(..) {
-            let _ = h.join();
-        }
     }
 }
 
