@@ -190,6 +190,14 @@ pub(crate) struct MappedColumns {
 }
 
 impl MappedColumns {
+    /// The tensors' dtypes, in order.
+    pub(crate) fn dtypes(&self) -> Vec<DType> {
+        self.tensors.iter().map(|t| t.dtype).collect()
+    }
+    /// The tensors' full shapes (first dimension = `len`), in order.
+    pub(crate) fn shapes(&self) -> Vec<&[usize]> {
+        self.tensors.iter().map(|t| &t.shape[..]).collect()
+    }
     /// Checks that every tensor has a first dimension and that they share it.
     pub(crate) fn new(tensors: Vec<MappedTensor>) -> Result<Self> {
         let Some(first) = tensors.first() else {

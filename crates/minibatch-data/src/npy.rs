@@ -80,11 +80,11 @@ impl NpyDataset {
     }
     /// The arrays' dtypes, in order.
     pub fn dtypes(&self) -> Vec<DType> {
-        self.columns.tensors.iter().map(|t| t.dtype).collect()
+        self.columns.dtypes()
     }
     /// The arrays' full shapes (first dimension = `len()`), in order.
     pub fn shapes(&self) -> Vec<&[usize]> {
-        self.columns.tensors.iter().map(|t| &t.shape[..]).collect()
+        self.columns.shapes()
     }
 }
 

@@ -123,11 +123,11 @@ impl SafetensorsDataset {
     }
     /// The selected tensors' dtypes, in order.
     pub fn dtypes(&self) -> Vec<DType> {
-        self.columns.tensors.iter().map(|t| t.dtype).collect()
+        self.columns.dtypes()
     }
     /// The selected tensors' full shapes (first dimension = `len()`), in order.
     pub fn shapes(&self) -> Vec<&[usize]> {
-        self.columns.tensors.iter().map(|t| &t.shape[..]).collect()
+        self.columns.shapes()
     }
 }
 
