@@ -115,7 +115,7 @@ pub mod prelude {
     pub use candle_core::{DType, Device, Module, ModuleT, Tensor, Var};
     pub use candle_nn::{VarBuilder, VarMap};
 
-    pub use minibatch_nn::{linear, Linear};
+    pub use minibatch_nn::{linear, seeded_var_builder, Linear};
 
     pub use minibatch_data::{
         available_devices, mnist, parse_device, random_split, Batch, ConcatDataset, DataLoader,
