@@ -1,4 +1,5 @@
-//! [`TrainerBuilder`]: every setting of a [`Trainer`], checked once at build.
+//! [`TrainerBuilder`]: every setting of a [`Trainer`] and its default
+//! ([`Trainer::builder`]), checked once at build.
 
 use std::path::PathBuf;
 
@@ -13,11 +14,50 @@ use crate::guard::optimizer_var_names;
 use crate::history::{EpochRecord, StepRecord};
 use crate::metrics::{Accuracy, Metric};
 use crate::model::Model;
-use crate::options::{CheckpointSettings, Clip, ScheduleEvery};
+use crate::options::{CheckpointSettings, Clip, Config, Resume, ScheduleEvery};
 use crate::progress::ProgressMode;
-use crate::resume::{Resume, RunState};
+use crate::state::RunState;
 use crate::step::{LossFn, StepFn, StepOutput, TrainStep};
-use crate::trainer::{Config, Trainer};
+use crate::trainer::Trainer;
+
+impl<M: Model> Trainer<M> {
+    /// Starts a builder from the four things every run needs: the model, the
+    /// `VarMap` holding its weights (saved in checkpoints), the training
+    /// loader and the optimizer: any [`Optimizer`], a `Box<dyn Optimizer>`
+    /// chosen at run time included. The optimizer's parameters must be in
+    /// the `VarMap` (checked at build); parameters of the `VarMap` it does
+    /// not hold are frozen.
+    pub fn builder(
+        model: M,
+        varmap: VarMap,
+        train: DataLoader,
+        optimizer: impl Optimizer + 'static,
+    ) -> TrainerBuilder<M> {
+        TrainerBuilder {
+            model,
+            varmap,
+            train,
+            optimizer: Box::new(optimizer),
+            loss: None,
+            step: None,
+            val: None,
+            scheduler: None,
+            clip: None,
+            accumulate: 1,
+            metrics: Vec::new(),
+            default_metrics: true,
+            callbacks: Vec::new(),
+            epochs: 1,
+            max_steps: None,
+            progress: ProgressMode::Auto,
+            checkpoint: CheckpointSettings::default(),
+            out_dir: None,
+            resume: None,
+            log_every: None,
+            allow_unused_parameters: false,
+        }
+    }
+}
 
 /// Builds a [`Trainer`]; see [`Trainer::builder`].
 ///

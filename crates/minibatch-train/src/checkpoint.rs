@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{Result, TrainError};
-use crate::resume::RunState;
+use crate::state::RunState;
 use minibatch_optim::{sync_dir, varmap_vars, write_atomic};
 
 /// Version of the `trainer.json` format (2: one `run` object, keyed metric

@@ -29,6 +29,7 @@ pub mod plot;
 pub mod progress;
 pub mod regressor;
 mod resume;
+mod state;
 mod step;
 mod trainer;
 
@@ -44,6 +45,6 @@ pub use model::{model_fn, FnModel, Model};
 pub use options::{Clip, ScheduleEvery};
 pub use progress::ProgressMode;
 pub use regressor::MiniBatchRegressor;
-pub use resume::{RunState, SkippedCheckpoint};
+pub use state::{RunState, SkippedCheckpoint};
 pub use step::{loss_step, LossFn, StepFn, StepOutput};
 pub use trainer::Trainer;

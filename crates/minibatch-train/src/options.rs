@@ -1,10 +1,12 @@
 //! The trainer's settings that are plain values: when the schedule steps,
-//! gradient clipping, and where and when checkpoints are written.
+//! gradient clipping, where and when checkpoints are written, where to
+//! resume from, and the [`Config`] the trainer keeps after build.
 
 use std::path::PathBuf;
 
 use crate::callbacks::Mode;
 use crate::error::{Result, TrainError};
+use crate::progress::ProgressMode;
 
 /// When the learning-rate schedule is stepped.
 #[derive(Clone, Debug, PartialEq)]
@@ -111,6 +113,27 @@ impl CheckpointSettings {
             best: self.best,
         }))
     }
+}
+
+/// The trainer's settings, fixed at build.
+pub(crate) struct Config {
+    pub clip: Option<Clip>,
+    pub accumulate: usize,
+    pub epochs: u64,
+    pub max_steps: Option<u64>,
+    pub progress: ProgressMode,
+    pub checkpoint: Option<CheckpointOptions>,
+    pub out_dir: Option<PathBuf>,
+    /// Optimizer steps between two reads of the losses from the device.
+    pub log_every: u64,
+    /// Whether the first optimizer step checks that every trained parameter has a gradient.
+    pub check_grads: bool,
+}
+
+/// Where to resume from, as given to the builder.
+pub(crate) enum Resume {
+    From(PathBuf),
+    LatestValid(PathBuf),
 }
 
 #[cfg(test)]

@@ -7,8 +7,9 @@ use minibatch_data::{DataLoader, TensorDataset};
 use minibatch_optim::{Sgd, SgdConfig};
 
 use crate::error::{Result, TrainError};
+use crate::loss::mse;
 use crate::progress::ProgressMode;
-use crate::trainer::{mse, Trainer};
+use crate::trainer::Trainer;
 
 /// Linear regression `y = x . coef_ + intercept_` trained with mean squared
 /// error by mini-batch SGD through [`Trainer`] (seeded shuffling each epoch).

@@ -2,7 +2,8 @@
 //!
 //! The step mechanics (forward, backward, accumulation, clipping, the
 //! gradient guard, reading the losses back) are in `mechanics.rs`,
-//! checkpoints and resume in `resume.rs`, the settings in `builder.rs`.
+//! checkpoints and resume in `resume.rs`, where the run stands in
+//! `state.rs`, the settings and their defaults in `builder.rs` and `options.rs`.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -12,7 +13,6 @@ use candle_nn::VarMap;
 use minibatch_data::DataLoader;
 use minibatch_optim::{GradAccumulator, LrScheduler, Optimizer};
 
-use crate::builder::TrainerBuilder;
 use crate::callbacks::{Callback, Control};
 use crate::error::Result;
 use crate::evaluate::{evaluate_step, Evaluation};
@@ -20,13 +20,10 @@ use crate::history::{EpochRecord, History};
 use crate::losslog::LossLog;
 use crate::metrics::Metric;
 use crate::model::Model;
-use crate::options::{CheckpointOptions, CheckpointSettings, Clip, ScheduleEvery};
-use crate::progress::{self, EpochProgress, Live, ProgressMode};
-use crate::resume::{RunState, SkippedCheckpoint};
+use crate::options::{Config, ScheduleEvery};
+use crate::progress::{self, EpochProgress, Live};
+use crate::state::{RunState, SkippedCheckpoint};
 use crate::step::TrainStep;
-
-// regressor.rs (owned by another change) imports the loss from this path.
-pub(crate) use crate::loss::mse;
 
 fn eval<M: Model>(
     model: &M,
@@ -38,28 +35,13 @@ fn eval<M: Model>(
     evaluate_step(model, loader, &run, metrics)
 }
 
-/// The trainer's settings, fixed at build.
-pub(crate) struct Config {
-    pub clip: Option<Clip>,
-    pub accumulate: usize,
-    pub epochs: u64,
-    pub max_steps: Option<u64>,
-    pub progress: ProgressMode,
-    pub checkpoint: Option<CheckpointOptions>,
-    pub out_dir: Option<PathBuf>,
-    /// Optimizer steps between two reads of the losses from the device.
-    pub log_every: u64,
-    /// Whether the first optimizer step checks that every trained parameter has a gradient.
-    pub check_grads: bool,
-}
-
 /// Runs training: forward, loss, backward, optional clipping and gradient
 /// accumulation, optimizer step, schedule step; evaluation, metrics,
 /// callbacks, progress, history files and checkpoints around it.
 ///
 /// Batches go through a step: by default the supervised one (batches of
 /// `(inputs, targets)`, a loss of `(outputs, targets)`), or any step of
-/// your own over the whole batch ([`TrainerBuilder::step`]).
+/// your own over the whole batch ([`TrainerBuilder::step`](crate::TrainerBuilder::step)).
 ///
 /// ```
 /// use candle_core::{DType, Device, Tensor};
@@ -113,43 +95,6 @@ pub struct Trainer<M> {
 }
 
 impl<M: Model> Trainer<M> {
-    /// Starts a builder from the four things every run needs: the model, the
-    /// `VarMap` holding its weights (saved in checkpoints), the training
-    /// loader and the optimizer: any [`Optimizer`], a `Box<dyn Optimizer>`
-    /// chosen at run time included. The optimizer's parameters must be in
-    /// the `VarMap` (checked at build); parameters of the `VarMap` it does
-    /// not hold are frozen.
-    pub fn builder(
-        model: M,
-        varmap: VarMap,
-        train: DataLoader,
-        optimizer: impl Optimizer + 'static,
-    ) -> TrainerBuilder<M> {
-        TrainerBuilder {
-            model,
-            varmap,
-            train,
-            optimizer: Box::new(optimizer),
-            loss: None,
-            step: None,
-            val: None,
-            scheduler: None,
-            clip: None,
-            accumulate: 1,
-            metrics: Vec::new(),
-            default_metrics: true,
-            callbacks: Vec::new(),
-            epochs: 1,
-            max_steps: None,
-            progress: ProgressMode::Auto,
-            checkpoint: CheckpointSettings::default(),
-            out_dir: None,
-            resume: None,
-            log_every: None,
-            allow_unused_parameters: false,
-        }
-    }
-
     /// The model.
     pub fn model(&self) -> &M {
         &self.model
@@ -188,7 +133,7 @@ impl<M: Model> Trainer<M> {
     }
     /// The corrupt checkpoints skipped by the last
     /// [`load_latest_valid_checkpoint`](Self::load_latest_valid_checkpoint)
-    /// (or [`TrainerBuilder::resume_from_latest_valid`]), newest first.
+    /// (or [`TrainerBuilder::resume_from_latest_valid`](crate::TrainerBuilder::resume_from_latest_valid)), newest first.
     pub fn skipped_checkpoints(&self) -> &[SkippedCheckpoint] {
         &self.skipped
     }
@@ -218,7 +163,7 @@ impl<M: Model> Trainer<M> {
     /// A non-finite loss ends it with [`TrainError::NonFiniteLoss`](crate::TrainError::NonFiniteLoss):
     /// before that update is applied when the losses are read every step
     /// (the default on the CPU), at the next logging point otherwise (see
-    /// [`TrainerBuilder::log_every_steps`]). Checkpoints already written are
+    /// [`TrainerBuilder::log_every_steps`](crate::TrainerBuilder::log_every_steps)). Checkpoints already written are
     /// left untouched, and none is written past a non-finite loss.
     pub fn fit(&mut self) -> Result<&History> {
         let started = Instant::now();
