@@ -49,6 +49,7 @@
 #![warn(missing_docs)]
 
 pub use minibatch_data as data;
+pub use minibatch_models as models;
 pub use minibatch_nn as nn;
 pub use minibatch_optim as optim;
 pub use minibatch_train as train;

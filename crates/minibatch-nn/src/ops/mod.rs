@@ -1,17 +1,20 @@
 //! Functional ops with candle-nn's signatures (`candle_nn::ops`) and real
 //! backward passes: softmax, log-softmax, layer and RMS normalisation,
-//! max and average pooling, relu and gelu.
+//! max and average pooling, relu, gelu and silu, attention (with masks and
+//! grouped-query heads).
 
 mod attention;
 mod elementwise;
 mod gelu;
 mod pool;
 mod relu;
+mod silu;
 
-pub use attention::scaled_dot_product_attention;
+pub use attention::{scaled_dot_product_attention, scaled_dot_product_attention_masked};
 pub use gelu::{gelu, gelu_erf};
 pub use pool::{avg_pool2d, avg_pool2d_with_stride, max_pool2d, max_pool2d_with_stride};
 pub use relu::relu;
+pub use silu::silu;
 
 mod norm;
 pub(crate) mod rows;

@@ -1,0 +1,286 @@
+//! BERT (`BertModel`, `BertForSequenceClassification`) with transformers'
+//! parameter names:
+//!
+//! ```text
+//! embeddings.{word,position,token_type}_embeddings.weight
+//! embeddings.LayerNorm.{weight,bias}
+//! encoder.layer.N.attention.self.{query,key,value}.{weight,bias}
+//! encoder.layer.N.attention.output.dense.{weight,bias}
+//! encoder.layer.N.attention.output.LayerNorm.{weight,bias}
+//! encoder.layer.N.intermediate.dense.{weight,bias}
+//! encoder.layer.N.output.dense.{weight,bias}
+//! encoder.layer.N.output.LayerNorm.{weight,bias}
+//! ```
+//! and, for the classification head, `bert.` before all of these plus
+//! `bert.pooler.dense.{weight,bias}` and `classifier.{weight,bias}`.
+
+mod config;
+
+pub use config::Config;
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::VarBuilder;
+use minibatch_nn::{Dropout, Embedding, LayerNorm};
+
+use crate::activation::Activation;
+use crate::attention::attend;
+use crate::error::ModelsError;
+use crate::inputs::{check_ids, check_positions, key_padding_mask};
+use crate::projection::{normal, Projection, ONES, ZEROS};
+
+fn layer_norm(size: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
+    let w = vb.get_with_hints(size, "weight", ONES)?;
+    let b = vb.get_with_hints(size, "bias", ZEROS)?;
+    Ok(LayerNorm::new(w, b, eps))
+}
+
+/// `embeddings`: word + position + token type, LayerNorm, dropout.
+#[derive(Clone, Debug)]
+pub struct Embeddings {
+    /// `word_embeddings`.
+    pub word_embeddings: Embedding,
+    /// `position_embeddings`.
+    pub position_embeddings: Embedding,
+    /// `token_type_embeddings`.
+    pub token_type_embeddings: Embedding,
+    /// `LayerNorm`.
+    pub layer_norm: LayerNorm,
+    dropout: Dropout,
+}
+
+/// `encoder.layer.N`.
+#[derive(Clone, Debug)]
+pub struct Layer {
+    /// `attention.self.query`.
+    pub query: Projection,
+    /// `attention.self.key`.
+    pub key: Projection,
+    /// `attention.self.value`.
+    pub value: Projection,
+    /// `attention.output.dense`.
+    pub attention_output: Projection,
+    /// `attention.output.LayerNorm`.
+    pub attention_layer_norm: LayerNorm,
+    /// `intermediate.dense`.
+    pub intermediate: Projection,
+    /// `output.dense`.
+    pub output: Projection,
+    /// `output.LayerNorm`.
+    pub output_layer_norm: LayerNorm,
+    heads: usize,
+    act: Activation,
+    attn_dropout: Dropout,
+    dropout: Dropout,
+}
+
+/// `BertModel` without its pooler (as in candle-transformers): embeddings
+/// and encoder, returning the last hidden state `(b, t, hidden)`.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_nn::{VarBuilder, VarMap};
+/// use minibatch_models::bert::{BertModel, Config};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let cfg = Config::from_json(r#"{"vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 2,
+///     "num_attention_heads": 4, "intermediate_size": 32, "max_position_embeddings": 8}"#)?;
+/// let varmap = VarMap::new();
+/// let bert = BertModel::load(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), &cfg)?;
+/// let ids = Tensor::new(&[[2i64, 7, 9, 0], [4, 5, 0, 0]], &Device::Cpu)?;
+/// let mask = Tensor::new(&[[1i64, 1, 1, 0], [1, 1, 0, 0]], &Device::Cpu)?;
+/// let h = bert.forward(&ids, &ids.zeros_like()?, Some(&mask))?;
+/// assert_eq!(h.dims(), [2, 4, 16]);
+/// // A sequence longer than the position table is an error that says so.
+/// let long = Tensor::zeros((1, 9), DType::U32, &Device::Cpu)?;
+/// let e = bert.forward(&long, &long, None).unwrap_err().to_string();
+/// assert!(e.contains("longer than"), "{e}");
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct BertModel {
+    /// `embeddings`.
+    pub embeddings: Embeddings,
+    /// `encoder.layer`.
+    pub layers: Vec<Layer>,
+    cfg: Config,
+}
+
+impl Embeddings {
+    fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        let (e, std) = (cfg.hidden_size, cfg.initializer_range);
+        let emb = |n: usize, name: &str| -> Result<Embedding> {
+            let w = vb.pp(name).get_with_hints((n, e), "weight", normal(std))?;
+            Ok(Embedding::new(w, e))
+        };
+        Ok(Self {
+            word_embeddings: emb(cfg.vocab_size, "word_embeddings")?,
+            position_embeddings: emb(cfg.max_position_embeddings, "position_embeddings")?,
+            token_type_embeddings: emb(cfg.type_vocab_size, "token_type_embeddings")?,
+            layer_norm: layer_norm(e, cfg.layer_norm_eps, vb.pp("LayerNorm"))?,
+            dropout: Dropout::new(cfg.hidden_dropout_prob),
+        })
+    }
+}
+
+impl Layer {
+    fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        let (e, i, std, eps) = (
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.initializer_range,
+            cfg.layer_norm_eps,
+        );
+        let lin = |a: usize, b: usize, name: &str| Projection::linear(a, b, true, std, vb.pp(name));
+        Ok(Self {
+            query: lin(e, e, "attention.self.query")?,
+            key: lin(e, e, "attention.self.key")?,
+            value: lin(e, e, "attention.self.value")?,
+            attention_output: lin(e, e, "attention.output.dense")?,
+            attention_layer_norm: layer_norm(e, eps, vb.pp("attention.output.LayerNorm"))?,
+            intermediate: lin(e, i, "intermediate.dense")?,
+            output: lin(i, e, "output.dense")?,
+            output_layer_norm: layer_norm(e, eps, vb.pp("output.LayerNorm"))?,
+            heads: cfg.num_attention_heads,
+            act: cfg.activation()?,
+            attn_dropout: Dropout::new(cfg.attention_probs_dropout_prob),
+            dropout: Dropout::new(cfg.hidden_dropout_prob),
+        })
+    }
+
+    fn forward(&self, x: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        let (b, t, e) = x.dims3()?;
+        let (h, hd) = (self.heads, e / self.heads);
+        let split = |p: &Projection| -> Result<Tensor> {
+            p.forward(x)?.reshape((b, t, h, hd))?.transpose(1, 2)
+        };
+        let (q, k, v) = (split(&self.query)?, split(&self.key)?, split(&self.value)?);
+        let scale = 1.0 / (hd as f64).sqrt();
+        let ctx = attend(&q, &k, &v, mask, false, scale, &self.attn_dropout, train)?;
+        let ctx = ctx.transpose(1, 2)?.reshape((b, t, e))?;
+        let a = self.dropout.forward(&self.attention_output.forward(&ctx)?, train)?;
+        let x = self.attention_layer_norm.forward(&(a + x)?)?;
+        let i = self.act.forward(&self.intermediate.forward(&x)?)?;
+        let o = self.dropout.forward(&self.output.forward(&i)?, train)?;
+        self.output_layer_norm.forward(&(o + x)?)
+    }
+}
+
+impl BertModel {
+    /// The model with every parameter read from (or created in) `vb` under
+    /// transformers' names (see the [module docs](self)); pass
+    /// `vb.pp("bert")` for a checkpoint of a model with a head. New
+    /// parameters are initialised as transformers does (`N(0,
+    /// initializer_range)` weights, zero biases, unit LayerNorms; the
+    /// padding row of the word embeddings is not zeroed).
+    pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        cfg.validate()?;
+        let embeddings = Embeddings::load(vb.pp("embeddings"), cfg)?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| Layer::load(vb.pp(format!("encoder.layer.{i}")), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            embeddings,
+            layers,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The last hidden state `(b, t, hidden)` in eval mode (no dropout), as
+    /// candle-transformers' `BertModel::forward`. `input_ids` and
+    /// `token_type_ids` are `(b, t)`, `u32` or `i64`; `attention_mask`
+    /// `(b, t)` marks tokens with 1 and padding with 0 (integer or float).
+    pub fn forward(&self, input_ids: &Tensor, token_type_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_t(input_ids, token_type_ids, attention_mask, false)
+    }
+
+    /// [`forward`](Self::forward) with the train flag (dropout on when `train`).
+    pub fn forward_t(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (b, t) = check_ids(input_ids, cfg.vocab_size, "input_ids", "the vocabulary (vocab_size)")?;
+        if token_type_ids.dims() != [b, t] {
+            return Err(ModelsError::Input(format!(
+                "token_type_ids must have input_ids' shape ({b}, {t}), got {:?}",
+                token_type_ids.dims()
+            ))
+            .into());
+        }
+        check_ids(token_type_ids, cfg.type_vocab_size, "token_type_ids", "type_vocab_size")?;
+        check_positions(t, cfg.max_position_embeddings, "the position table")?;
+        let mask = attention_mask.map(|m| key_padding_mask(m, b, t)).transpose()?;
+        let e = &self.embeddings;
+        let pos = Tensor::arange(0u32, t as u32, input_ids.device())?;
+        let x = e
+            .word_embeddings
+            .forward(input_ids)?
+            .add(&e.token_type_embeddings.forward(token_type_ids)?)?
+            .broadcast_add(&e.position_embeddings.forward(&pos)?)?;
+        let mut x = e.dropout.forward(&e.layer_norm.forward(&x)?, train)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, mask.as_ref(), train)?;
+        }
+        Ok(x)
+    }
+}
+
+/// `BertForSequenceClassification`: `BertModel` under `bert.`, the pooler
+/// `tanh(bert.pooler.dense(h[:, 0]))`, dropout and `classifier`, giving
+/// logits `(b, num_labels)`.
+#[derive(Clone, Debug)]
+pub struct BertForSequenceClassification {
+    /// `bert`.
+    pub bert: BertModel,
+    /// `bert.pooler.dense`.
+    pub pooler: Projection,
+    /// `classifier`.
+    pub classifier: Projection,
+    dropout: Dropout,
+}
+
+impl BertForSequenceClassification {
+    /// The model under transformers' names, with `cfg.labels()` outputs.
+    /// To fine-tune a `BertModel` checkpoint (no `bert.` prefix, no
+    /// classifier), build it over a `VarMap` and fill it with
+    /// [`load_pretrained(&varmap, dir, Some("bert"), true)`](crate::checkpoint::load_pretrained):
+    /// the classifier (and a missing pooler) keep their random init.
+    pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        let bert = BertModel::load(vb.pp("bert"), cfg)?;
+        let (e, std) = (cfg.hidden_size, cfg.initializer_range);
+        Ok(Self {
+            bert,
+            pooler: Projection::linear(e, e, true, std, vb.pp("bert.pooler.dense"))?,
+            classifier: Projection::linear(e, cfg.labels(), true, std, vb.pp("classifier"))?,
+            dropout: Dropout::new(cfg.classifier_dropout.unwrap_or(cfg.hidden_dropout_prob)),
+        })
+    }
+
+    /// Logits `(b, num_labels)` in eval mode.
+    pub fn forward(&self, input_ids: &Tensor, token_type_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_t(input_ids, token_type_ids, attention_mask, false)
+    }
+
+    /// Logits `(b, num_labels)`, dropout on when `train`.
+    pub fn forward_t(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let h = self.bert.forward_t(input_ids, token_type_ids, attention_mask, train)?;
+        let first = h.narrow(1, 0, 1)?.squeeze(1)?;
+        let pooled = self.pooler.forward(&first)?.tanh()?;
+        let pooled = self.dropout.forward(&pooled, train)?;
+        self.classifier.forward(&pooled)
+    }
+}

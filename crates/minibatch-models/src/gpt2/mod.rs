@@ -1,0 +1,207 @@
+//! GPT-2 (`GPT2LMHeadModel`) with transformers' parameter names and its
+//! `Conv1D` weight layout (`(in, out)`):
+//!
+//! ```text
+//! transformer.wte.weight, transformer.wpe.weight
+//! transformer.h.N.ln_1.{weight,bias}
+//! transformer.h.N.attn.c_attn.{weight,bias}     (n_embd, 3·n_embd)
+//! transformer.h.N.attn.c_proj.{weight,bias}     (n_embd, n_embd)
+//! transformer.h.N.ln_2.{weight,bias}
+//! transformer.h.N.mlp.c_fc.{weight,bias}        (n_embd, n_inner)
+//! transformer.h.N.mlp.c_proj.{weight,bias}      (n_inner, n_embd)
+//! transformer.ln_f.{weight,bias}
+//! lm_head.weight                                only when not tie_word_embeddings
+//! ```
+
+mod config;
+
+pub use config::Config;
+
+use candle_core::{Module, ModuleT, Result, Tensor};
+use candle_nn::VarBuilder;
+use minibatch_nn::{Dropout, Embedding, LayerNorm, Linear};
+
+use crate::activation::Activation;
+use crate::attention::attend;
+use crate::inputs::{check_ids, check_positions, key_padding_mask};
+use crate::projection::{normal, Projection, ONES, ZEROS};
+
+fn layer_norm(size: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
+    let w = vb.get_with_hints(size, "weight", ONES)?;
+    let b = vb.get_with_hints(size, "bias", ZEROS)?;
+    Ok(LayerNorm::new(w, b, eps))
+}
+
+/// `transformer.h.N`.
+#[derive(Clone, Debug)]
+pub struct Block {
+    /// `ln_1`.
+    pub ln_1: LayerNorm,
+    /// `attn.c_attn`.
+    pub c_attn: Projection,
+    /// `attn.c_proj`.
+    pub attn_c_proj: Projection,
+    /// `ln_2`.
+    pub ln_2: LayerNorm,
+    /// `mlp.c_fc`.
+    pub c_fc: Projection,
+    /// `mlp.c_proj`.
+    pub mlp_c_proj: Projection,
+    heads: usize,
+    scale: f64,
+    act: Activation,
+    attn_dropout: Dropout,
+    resid_dropout: Dropout,
+}
+
+/// `GPT2LMHeadModel`: token and position embeddings, blocks, `ln_f` and the
+/// head (the token embeddings themselves unless `tie_word_embeddings` is
+/// false).
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_nn::{VarBuilder, VarMap};
+/// use minibatch_models::gpt2::{Config, Gpt2};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let cfg = Config::from_json(r#"{"vocab_size": 40, "n_embd": 16, "n_layer": 2, "n_head": 2, "n_positions": 8}"#)?;
+/// let varmap = VarMap::new();
+/// let gpt = Gpt2::load(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), &cfg)?;
+/// let logits = gpt.forward(&Tensor::new(&[[3u32, 1, 4, 1, 5]], &Device::Cpu)?)?;
+/// assert_eq!(logits.dims(), [1, 5, 40]);
+/// // A token id outside the vocabulary is an error naming it.
+/// let e = gpt.forward(&Tensor::new(&[[40u32]], &Device::Cpu)?).unwrap_err().to_string();
+/// assert!(e.contains("40"), "{e}");
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct Gpt2 {
+    /// `transformer.wte`.
+    pub wte: Embedding,
+    /// `transformer.wpe`.
+    pub wpe: Embedding,
+    /// `transformer.h`.
+    pub blocks: Vec<Block>,
+    /// `transformer.ln_f`.
+    pub ln_f: LayerNorm,
+    /// `lm_head` (over `transformer.wte.weight` when tied).
+    pub lm_head: Projection,
+    drop: Dropout,
+    cfg: Config,
+}
+
+impl Block {
+    fn load(vb: VarBuilder, cfg: &Config, index: usize) -> Result<Self> {
+        let (e, std, eps) = (cfg.n_embd, cfg.initializer_range, cfg.layer_norm_epsilon);
+        // transformers: the residual projections are N(0, 0.02 / sqrt(2 n_layer)).
+        let proj_std = std / (2.0 * cfg.n_layer as f64).sqrt();
+        let hd = e / cfg.n_head;
+        let mut scale = if cfg.scale_attn_weights { 1.0 / (hd as f64).sqrt() } else { 1.0 };
+        if cfg.scale_attn_by_inverse_layer_idx {
+            scale /= (index + 1) as f64;
+        }
+        Ok(Self {
+            ln_1: layer_norm(e, eps, vb.pp("ln_1"))?,
+            c_attn: Projection::conv1d(e, 3 * e, std, vb.pp("attn.c_attn"))?,
+            attn_c_proj: Projection::conv1d(e, e, proj_std, vb.pp("attn.c_proj"))?,
+            ln_2: layer_norm(e, eps, vb.pp("ln_2"))?,
+            c_fc: Projection::conv1d(e, cfg.inner(), std, vb.pp("mlp.c_fc"))?,
+            mlp_c_proj: Projection::conv1d(cfg.inner(), e, proj_std, vb.pp("mlp.c_proj"))?,
+            heads: cfg.n_head,
+            scale,
+            act: cfg.activation()?,
+            attn_dropout: Dropout::new(cfg.attn_pdrop),
+            resid_dropout: Dropout::new(cfg.resid_pdrop),
+        })
+    }
+
+    fn forward(&self, x: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        let (b, t, e) = x.dims3()?;
+        let (h, hd) = (self.heads, e / self.heads);
+        let a = self.ln_1.forward(x)?;
+        // (b, t, 3, h, hd): q, k, v as strided (b, h, t, hd) views, no copies.
+        let qkv = self.c_attn.forward(&a)?.reshape((b, t, 3, h, hd))?;
+        let part = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2);
+        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+        let o = attend(&q, &k, &v, mask, true, self.scale, &self.attn_dropout, train)?;
+        let o = o.transpose(1, 2)?.reshape((b, t, e))?;
+        let o = self.resid_dropout.forward(&self.attn_c_proj.forward(&o)?, train)?;
+        let x = (x + o)?;
+        let m = self.act.forward(&self.c_fc.forward(&self.ln_2.forward(&x)?)?)?;
+        let m = self.resid_dropout.forward(&self.mlp_c_proj.forward(&m)?, train)?;
+        x + m
+    }
+}
+
+impl Gpt2 {
+    /// The model with every parameter read from (or created in) `vb` under
+    /// transformers' names (see the [module docs](self)); new parameters
+    /// are initialised as transformers does (`N(0, initializer_range)`,
+    /// the residual projections `N(0, initializer_range / √(2·n_layer))`,
+    /// zero biases, unit LayerNorms).
+    pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        cfg.validate()?;
+        let (e, std) = (cfg.n_embd, cfg.initializer_range);
+        let t = vb.pp("transformer");
+        let wte = t.pp("wte").get_with_hints((cfg.vocab_size, e), "weight", normal(std))?;
+        let wpe = t.pp("wpe").get_with_hints((cfg.n_positions, e), "weight", normal(std))?;
+        let blocks = (0..cfg.n_layer)
+            .map(|i| Block::load(t.pp(format!("h.{i}")), cfg, i))
+            .collect::<Result<Vec<_>>>()?;
+        let ln_f = layer_norm(e, cfg.layer_norm_epsilon, t.pp("ln_f"))?;
+        let lm_head = if cfg.tie_word_embeddings {
+            Projection::Linear(Linear::new(wte.clone(), None))
+        } else {
+            Projection::linear(e, cfg.vocab_size, false, std, vb.pp("lm_head"))?
+        };
+        Ok(Self {
+            wte: Embedding::new(wte, e),
+            wpe: Embedding::new(wpe, e),
+            blocks,
+            ln_f,
+            lm_head,
+            drop: Dropout::new(cfg.embd_pdrop),
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Logits `(b, t, vocab)` of `input_ids (b, t)` (`u32` or `i64`) in eval
+    /// mode.
+    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        self.forward_masked(input_ids, None, false)
+    }
+
+    /// [`forward`](Self::forward) with an optional padding mask `(b, t)`
+    /// (1 = token, 0 = padding; pad on the right) and the train flag.
+    pub fn forward_masked(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        let h = self.hidden_states(input_ids, attention_mask, train)?;
+        self.lm_head.forward(&h)
+    }
+
+    /// The hidden states after `ln_f`, `(b, t, n_embd)`.
+    pub fn hidden_states(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (b, t) = check_ids(input_ids, cfg.vocab_size, "input_ids", "the vocabulary (vocab_size)")?;
+        check_positions(t, cfg.n_positions, "the position table")?;
+        let mask = attention_mask.map(|m| key_padding_mask(m, b, t)).transpose()?;
+        let pos = Tensor::arange(0u32, t as u32, input_ids.device())?;
+        let x = self.wte.forward(input_ids)?.broadcast_add(&self.wpe.forward(&pos)?)?;
+        let mut x = self.drop.forward(&x, train)?;
+        for block in &self.blocks {
+            x = block.forward(&x, mask.as_ref(), train)?;
+        }
+        self.ln_f.forward(&x)
+    }
+}
+
+impl ModuleT for Gpt2 {
+    /// Logits `(b, t, vocab)` of `input_ids (b, t)`, with dropout when `train`.
+    fn forward_t(&self, input_ids: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_masked(input_ids, None, train)
+    }
+}

@@ -1,0 +1,268 @@
+//! Llama (`LlamaForCausalLM`): RMSNorm, rotary embeddings, grouped-query
+//! attention and a SwiGLU MLP, with transformers' parameter names.
+//!
+//! ```text
+//! model.embed_tokens.weight                         (vocab, hidden)
+//! model.layers.N.input_layernorm.weight             (hidden,)
+//! model.layers.N.self_attn.{q,k,v,o}_proj.weight    q: (heads·head_dim, hidden), k, v: (kv_heads·head_dim, hidden), o: (hidden, heads·head_dim)
+//! model.layers.N.post_attention_layernorm.weight
+//! model.layers.N.mlp.{gate,up,down}_proj.weight
+//! model.norm.weight
+//! lm_head.weight                                    absent when tie_word_embeddings
+//! ```
+//! (`.bias` beside the attention projections with `attention_bias`, beside
+//! the MLP's with `mlp_bias`.)
+
+mod config;
+
+pub use config::Config;
+
+use candle_core::{DType, Module, ModuleT, Result, Tensor};
+use candle_nn::VarBuilder;
+use minibatch_nn::rotary_emb::rope_thd;
+use minibatch_nn::{Dropout, Embedding, RmsNorm};
+
+use crate::activation::Activation;
+use crate::attention::attend;
+use crate::inputs::{check_ids, key_padding_mask};
+use crate::projection::{normal, Projection, ONES};
+use crate::rope::Rope;
+
+/// One attention block's projections and sizes.
+#[derive(Clone, Debug)]
+pub struct Attention {
+    /// `self_attn.q_proj`.
+    pub q_proj: Projection,
+    /// `self_attn.k_proj`.
+    pub k_proj: Projection,
+    /// `self_attn.v_proj`.
+    pub v_proj: Projection,
+    /// `self_attn.o_proj`.
+    pub o_proj: Projection,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    dropout: Dropout,
+}
+
+/// The gated MLP `down(act(gate(x)) · up(x))`.
+#[derive(Clone, Debug)]
+pub struct Mlp {
+    /// `mlp.gate_proj`.
+    pub gate_proj: Projection,
+    /// `mlp.up_proj`.
+    pub up_proj: Projection,
+    /// `mlp.down_proj`.
+    pub down_proj: Projection,
+    act: Activation,
+}
+
+/// One decoder layer.
+#[derive(Clone, Debug)]
+pub struct DecoderLayer {
+    /// `input_layernorm`.
+    pub input_layernorm: RmsNorm,
+    /// `self_attn`.
+    pub self_attn: Attention,
+    /// `post_attention_layernorm`.
+    pub post_attention_layernorm: RmsNorm,
+    /// `mlp`.
+    pub mlp: Mlp,
+}
+
+/// `LlamaForCausalLM`: token embeddings, decoder layers, the final norm and
+/// the language-model head (one parameter with the embeddings when
+/// `tie_word_embeddings`).
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_nn::{VarBuilder, VarMap};
+/// use minibatch_models::llama::{Config, Llama};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let cfg = Config::small(64, 32, 2, 4, 2);
+/// let varmap = VarMap::new();
+/// let model = Llama::load(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), &cfg)?;
+/// let ids = Tensor::new(&[[1u32, 5, 9], [2, 3, 4]], &Device::Cpu)?;
+/// let logits = model.forward(&ids)?;
+/// assert_eq!(logits.dims(), [2, 3, 64]);
+/// // Every parameter is a Var of the map and gets a gradient.
+/// let grads = logits.sum_all()?.backward()?;
+/// assert!(varmap.all_vars().iter().all(|v| grads.get(v.as_tensor()).is_some()));
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct Llama {
+    /// `model.embed_tokens`.
+    pub embed_tokens: Embedding,
+    /// `model.layers`.
+    pub layers: Vec<DecoderLayer>,
+    /// `model.norm`.
+    pub norm: RmsNorm,
+    /// `lm_head` (over `model.embed_tokens.weight` when tied).
+    pub lm_head: Projection,
+    cfg: Config,
+    rope: Rope,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Attention {
+    fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        let (h, hk, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_size());
+        let (e, std, bias) = (cfg.hidden_size, cfg.initializer_range, cfg.attention_bias);
+        Ok(Self {
+            q_proj: Projection::linear(e, h * hd, bias, std, vb.pp("q_proj"))?,
+            k_proj: Projection::linear(e, hk * hd, bias, std, vb.pp("k_proj"))?,
+            v_proj: Projection::linear(e, hk * hd, bias, std, vb.pp("v_proj"))?,
+            o_proj: Projection::linear(h * hd, e, bias, std, vb.pp("o_proj"))?,
+            heads: h,
+            kv_heads: hk,
+            head_dim: hd,
+            dropout: Dropout::new(cfg.attention_dropout),
+        })
+    }
+
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let hd = self.head_dim;
+        // (b, t, heads, hd), rotated in that layout, attended as (b, heads, t, hd) views.
+        let q = self.q_proj.forward(x)?.reshape((b, t, self.heads, hd))?;
+        let k = self.k_proj.forward(x)?.reshape((b, t, self.kv_heads, hd))?;
+        let v = self.v_proj.forward(x)?.reshape((b, t, self.kv_heads, hd))?;
+        let q = rope_thd(&q, cos, sin)?.transpose(1, 2)?;
+        let k = rope_thd(&k, cos, sin)?.transpose(1, 2)?;
+        let v = v.transpose(1, 2)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let o = attend(&q, &k, &v, mask, true, scale, &self.dropout, train)?;
+        let o = o.transpose(1, 2)?.reshape((b, t, self.heads * hd))?;
+        self.o_proj.forward(&o)
+    }
+}
+
+impl Mlp {
+    fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        let (e, i, std, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.initializer_range, cfg.mlp_bias);
+        Ok(Self {
+            gate_proj: Projection::linear(e, i, bias, std, vb.pp("gate_proj"))?,
+            up_proj: Projection::linear(e, i, bias, std, vb.pp("up_proj"))?,
+            down_proj: Projection::linear(i, e, bias, std, vb.pp("down_proj"))?,
+            act: cfg.activation()?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = self.act.forward(&self.gate_proj.forward(x)?)?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    }
+}
+
+fn rms_norm(size: usize, eps: f64, vb: VarBuilder) -> Result<RmsNorm> {
+    Ok(RmsNorm::new(vb.get_with_hints(size, "weight", ONES)?, eps))
+}
+
+impl DecoderLayer {
+    fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        let (e, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+        Ok(Self {
+            input_layernorm: rms_norm(e, eps, vb.pp("input_layernorm"))?,
+            self_attn: Attention::load(vb.pp("self_attn"), cfg)?,
+            post_attention_layernorm: rms_norm(e, eps, vb.pp("post_attention_layernorm"))?,
+            mlp: Mlp::load(vb.pp("mlp"), cfg)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        let h = self.input_layernorm.forward(x)?;
+        let x = (x + self.self_attn.forward(&h, cos, sin, mask, train)?)?;
+        let h = self.post_attention_layernorm.forward(&x)?;
+        x + self.mlp.forward(&h)?
+    }
+}
+
+impl Llama {
+    /// The model with every parameter read from (or created in) `vb` under
+    /// transformers' names (see the [module docs](self)); a `VarBuilder`
+    /// over a `VarMap` initialises new parameters as transformers does
+    /// (`N(0, initializer_range)` weights, zero biases, unit norms). Checks
+    /// `cfg` first: an unsupported value is an error naming it.
+    pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        cfg.validate()?;
+        let std = cfg.initializer_range;
+        let emb = vb
+            .pp("model.embed_tokens")
+            .get_with_hints((cfg.vocab_size, cfg.hidden_size), "weight", normal(std))?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::load(vb.pp(format!("model.layers.{i}")), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("model.norm"))?;
+        let lm_head = if cfg.tie_word_embeddings {
+            Projection::Linear(minibatch_nn::Linear::new(emb.clone(), None))
+        } else {
+            Projection::linear(cfg.hidden_size, cfg.vocab_size, false, std, vb.pp("lm_head"))?
+        };
+        let rope = cfg.rope()?;
+        let (cos, sin) = rope.tables(cfg.max_position_embeddings, vb.dtype(), vb.device())?;
+        Ok(Self {
+            embed_tokens: Embedding::new(emb, cfg.hidden_size),
+            layers,
+            norm,
+            lm_head,
+            cfg: cfg.clone(),
+            rope,
+            cos,
+            sin,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Logits `(b, t, vocab)` at every position of `input_ids (b, t)` (`u32`
+    /// or `i64`), in eval mode (no dropout), every token attending to all
+    /// before it.
+    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        self.forward_masked(input_ids, None, false)
+    }
+
+    /// [`forward`](Self::forward) with an optional padding mask `(b, t)`
+    /// (1 = token, 0 = padding; integer or float) and the train flag
+    /// (attention dropout when `attention_dropout > 0`). Padding keys are
+    /// hidden from every query; positions count from 0 in each row, as
+    /// transformers does without explicit `position_ids` (pad on the right).
+    pub fn forward_masked(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        let h = self.hidden_states(input_ids, attention_mask, train)?;
+        self.lm_head.forward(&h)
+    }
+
+    /// The final hidden states `(b, t, hidden)` (after `model.norm`, before
+    /// the head).
+    pub fn hidden_states(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        let (b, t) = check_ids(input_ids, self.cfg.vocab_size, "input_ids", "the vocabulary (vocab_size)")?;
+        let mask = attention_mask.map(|m| key_padding_mask(m, b, t)).transpose()?;
+        let (cos, sin) = if t <= self.cos.dim(0)? {
+            (self.cos.narrow(0, 0, t)?, self.sin.narrow(0, 0, t)?)
+        } else {
+            self.rope.tables(t, self.cos.dtype(), self.cos.device())?
+        };
+        let mut x = self.embed_tokens.forward(input_ids)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &cos, &sin, mask.as_ref(), train)?;
+        }
+        self.norm.forward(&x)
+    }
+
+    /// The dtype of the parameters.
+    pub fn dtype(&self) -> DType {
+        self.cos.dtype()
+    }
+}
+
+impl ModuleT for Llama {
+    /// Logits `(b, t, vocab)` of `input_ids (b, t)`, with dropout when `train`.
+    fn forward_t(&self, input_ids: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_masked(input_ids, None, train)
+    }
+}

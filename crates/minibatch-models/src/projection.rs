@@ -1,0 +1,98 @@
+//! [`Projection`]: the affine maps of the ports (attention and MLP
+//! projections, heads), in the two weight layouts transformers uses.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Init, VarBuilder};
+use minibatch_nn::Linear;
+
+/// One affine map `y = x Wᵀ + b` of a port, run by [`minibatch_nn::Linear`]
+/// (a fused CPU forward and a lean backward).
+///
+/// The variants keep the parameter exactly as the checkpoint stores it:
+/// `torch.nn.Linear`'s `weight (out, in)`, or GPT-2's `Conv1D` with
+/// `weight (in, out)` (used through a transposed view: the Var is the
+/// checkpoint's tensor, and its gradient has the checkpoint's layout). Every
+/// projection of a port is one of these, so wrappers (adapters, frozen
+/// copies) can replace any of them by name.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum Projection {
+    /// `torch.nn.Linear`: `weight (out, in)`, `bias (out,)`.
+    Linear(Linear),
+    /// transformers' `Conv1D` (GPT-2): `weight (in, out)`, `bias (out,)`.
+    Conv1d {
+        /// The parameter as stored, `(in, out)`.
+        weight: Tensor,
+        /// The layer over `weight.t()`.
+        linear: Linear,
+    },
+}
+
+/// `N(0, std)`, transformers' `_init_weights` for linear and embedding weights.
+pub(crate) fn normal(std: f64) -> Init {
+    Init::Randn {
+        mean: 0.0,
+        stdev: std,
+    }
+}
+
+/// Zeros (biases) and ones (norm weights).
+pub(crate) const ZEROS: Init = Init::Const(0.0);
+pub(crate) const ONES: Init = Init::Const(1.0);
+
+impl Projection {
+    /// A `torch.nn.Linear(in_dim, out_dim, bias)` read from (or created in)
+    /// `vb` as `weight` and `bias`, initialised as transformers does: the
+    /// weight `N(0, std)`, the bias zero.
+    pub fn linear(in_dim: usize, out_dim: usize, bias: bool, std: f64, vb: VarBuilder) -> Result<Self> {
+        let w = vb.get_with_hints((out_dim, in_dim), "weight", normal(std))?;
+        let b = if bias {
+            Some(vb.get_with_hints(out_dim, "bias", ZEROS)?)
+        } else {
+            None
+        };
+        Ok(Self::Linear(Linear::new(w, b)))
+    }
+
+    /// transformers' `Conv1D(out_dim, in_dim)` read from (or created in) `vb`:
+    /// `weight (in_dim, out_dim)` `N(0, std)`, `bias (out_dim,)` zero.
+    pub fn conv1d(in_dim: usize, out_dim: usize, std: f64, vb: VarBuilder) -> Result<Self> {
+        let w = vb.get_with_hints((in_dim, out_dim), "weight", normal(std))?;
+        let b = vb.get_with_hints(out_dim, "bias", ZEROS)?;
+        Ok(Self::Conv1d {
+            linear: Linear::new(w.t()?, Some(b)),
+            weight: w,
+        })
+    }
+
+    /// The weight as the checkpoint stores it (`(out, in)` for `Linear`,
+    /// `(in, out)` for `Conv1d`).
+    pub fn weight(&self) -> &Tensor {
+        match self {
+            Self::Linear(l) => l.weight(),
+            Self::Conv1d { weight, .. } => weight,
+        }
+    }
+
+    /// The bias, if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        match self {
+            Self::Linear(l) => l.bias(),
+            Self::Conv1d { linear, .. } => linear.bias(),
+        }
+    }
+
+    /// The layer that runs it (`weight` is `(out, in)` there).
+    pub fn as_linear(&self) -> &Linear {
+        match self {
+            Self::Linear(l) => l,
+            Self::Conv1d { linear, .. } => linear,
+        }
+    }
+}
+
+impl Module for Projection {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.as_linear().forward(x)
+    }
+}
