@@ -55,7 +55,7 @@ fn same_seed_gives_identical_weights_in_two_varmaps() {
     let b = model(7);
     assert_eq!(
         a.len(),
-        14,
+        12,
         "{:?}",
         a.iter().map(|v| &v.0).collect::<Vec<_>>()
     );
