@@ -73,3 +73,18 @@ pub(crate) fn key_padding_mask(mask: &Tensor, b: usize, t: usize) -> Result<Tens
     };
     Ok(m.reshape((b, 1, 1, t))?)
 }
+
+/// `torch.nn.Embedding(padding_idx=pad)`: the looked-up rows of `pad` pass
+/// no gradient to the table (their values are unchanged).
+pub(crate) fn padding_idx(rows: Tensor, ids: &Tensor, pad: Option<usize>) -> candle_core::Result<Tensor> {
+    let Some(pad) = pad else { return Ok(rows) };
+    let is_pad = ids.to_dtype(DType::I64)?.eq(pad as i64)?;
+    if is_pad.to_dtype(DType::U32)?.sum_all()?.to_scalar::<u32>()? == 0 {
+        return Ok(rows);
+    }
+    is_pad
+        .unsqueeze(2)?
+        .broadcast_as(rows.shape())?
+        .where_cond(&rows.detach(), &rows)
+}
+

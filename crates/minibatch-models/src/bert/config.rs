@@ -49,8 +49,9 @@ pub struct Config {
     /// Default 1e-12.
     #[serde(default = "d_eps")]
     pub layer_norm_eps: f64,
-    /// Default 0.
-    #[serde(default)]
+    /// Default 0: `torch.nn.Embedding(padding_idx)` of the word
+    /// embeddings (that row gets no gradient); `null` for none.
+    #[serde(default = "d_pad")]
     pub pad_token_id: Option<usize>,
     /// Only `"absolute"` (the default) is supported.
     #[serde(default)]
@@ -98,6 +99,9 @@ fn d_types() -> usize {
 }
 fn d_init() -> f64 {
     0.02
+}
+fn d_pad() -> Option<usize> {
+    Some(0)
 }
 fn d_eps() -> f64 {
     1e-12

@@ -25,7 +25,7 @@ use minibatch_nn::{Dropout, Embedding, LayerNorm};
 use crate::activation::Activation;
 use crate::attention::attend;
 use crate::error::ModelsError;
-use crate::inputs::{check_ids, check_positions, key_padding_mask};
+use crate::inputs::{check_ids, check_positions, key_padding_mask, padding_idx};
 use crate::projection::{normal, Projection, ONES, ZEROS};
 
 fn layer_norm(size: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
@@ -220,9 +220,8 @@ impl BertModel {
         let mask = attention_mask.map(|m| key_padding_mask(m, b, t)).transpose()?;
         let e = &self.embeddings;
         let pos = Tensor::arange(0u32, t as u32, input_ids.device())?;
-        let x = e
-            .word_embeddings
-            .forward(input_ids)?
+        let words = padding_idx(e.word_embeddings.forward(input_ids)?, input_ids, cfg.pad_token_id)?;
+        let x = words
             .add(&e.token_type_embeddings.forward(token_type_ids)?)?
             .broadcast_add(&e.position_embeddings.forward(&pos)?)?;
         let mut x = e.dropout.forward(&e.layer_norm.forward(&x)?, train)?;

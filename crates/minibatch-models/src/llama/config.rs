@@ -51,6 +51,10 @@ pub struct Config {
     /// Default false.
     #[serde(default)]
     pub tie_word_embeddings: bool,
+    /// `torch.nn.Embedding(padding_idx)` of the token embeddings (that row
+    /// gets no gradient); default none.
+    #[serde(default)]
+    pub pad_token_id: Option<usize>,
     /// transformers 4: the rope base at the top level (default 10000).
     #[serde(default)]
     pub rope_theta: Option<f64>,
@@ -127,6 +131,7 @@ impl Config {
             initializer_range: d_init(),
             rms_norm_eps: d_eps(),
             tie_word_embeddings: false,
+            pad_token_id: None,
             rope_theta: None,
             rope_scaling: None,
             rope_parameters: None,

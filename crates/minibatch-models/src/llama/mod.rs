@@ -24,7 +24,7 @@ use minibatch_nn::{Dropout, Embedding, RmsNorm};
 
 use crate::activation::Activation;
 use crate::attention::attend;
-use crate::inputs::{check_ids, key_padding_mask};
+use crate::inputs::{check_ids, key_padding_mask, padding_idx};
 use crate::projection::{normal, Projection, ONES};
 use crate::rope::Rope;
 
@@ -247,7 +247,7 @@ impl Llama {
         } else {
             self.rope.tables(t, self.cos.dtype(), self.cos.device())?
         };
-        let mut x = self.embed_tokens.forward(input_ids)?;
+        let mut x = padding_idx(self.embed_tokens.forward(input_ids)?, input_ids, self.cfg.pad_token_id)?;
         for layer in &self.layers {
             x = layer.forward(&x, &cos, &sin, mask.as_ref(), train)?;
         }
