@@ -7,10 +7,12 @@
 //! | module | crate | what it holds |
 //! |---|---|---|
 //! | [`data`] | `minibatch-data` | `Dataset`, `TensorDataset`, samplers, the seeded `DataLoader`, MNIST and IDX |
+//! | [`dist`] | `minibatch-dist` | data-parallel training: `ProcessGroup` (`Single`, MPI, NCCL), gradient buckets |
 //! | [`nn`] | `minibatch-nn` | drop-in candle-nn layers and ops with real, fast backward passes |
 //! | [`optim`] | `minibatch-optim` | `Optimizer`, `UpdateRule`, `Sgd`, `Adam`, `AdamW`, `RmsProp`, `Adagrad`, schedules, clipping, saved state |
 //! | [`train`] | `minibatch-train` | `Trainer` (fit/evaluate), metrics, callbacks, history, plots, checkpoints |
 //!
+//! The `mpi` feature turns on [`dist`]'s MPI backend, `nccl` its NCCL one.
 //! The `cuda` feature turns on candle's CUDA backend in every crate;
 //! [`data::parse_device`] turns `"cpu"`, `"cuda"` or `"cuda:N"` into a device,
 //! with a clear error when the build or the machine has no GPU.
@@ -49,6 +51,7 @@
 #![warn(missing_docs)]
 
 pub use minibatch_data as data;
+pub use minibatch_dist as dist;
 pub use minibatch_models as models;
 pub use minibatch_nn as nn;
 pub use minibatch_optim as optim;

@@ -70,7 +70,7 @@ pub use epoch::Epoch;
 pub use error::{DataError, FileProblem, Result};
 pub use fn_dataset::FnDataset;
 pub use image_folder::{ImageErrorPolicy, ImageFolder, ImageOptions};
-pub use loader::{DataLoader, DataLoaderBuilder};
+pub use loader::{DataLoader, DataLoaderBuilder, Shard};
 pub use map::{Map, TransformContext};
 pub use map_batch::MapBatch;
 pub use npy::NpyDataset;

@@ -7,7 +7,7 @@ use candle_core::Device;
 use crate::dataset::Dataset;
 use crate::epoch::{Epoch, Plan};
 use crate::error::{DataError, Result};
-use crate::sampler::{BatchSampler, RandomSampler, Sampler, SequentialSampler};
+use crate::sampler::{BatchSampler, DistributedSampler, RandomSampler, Sampler, SequentialSampler};
 use crate::stream::StreamDataset;
 use crate::stream_epoch::StreamPlan;
 
@@ -49,6 +49,24 @@ pub struct DataLoader {
     num_workers: usize,
     prefetch: usize,
     force_workers: bool,
+    /// `shuffle(seed)` as given, and whether a custom sampler was set (for [`DataLoader::sharded`]).
+    shuffle: Option<u64>,
+    custom_sampler: bool,
+    shard: Option<Shard>,
+}
+
+/// One rank's share of a [`DataLoader`]'s samples in data-parallel training:
+/// set with [`DataLoaderBuilder::shard`] or [`DataLoaderBuilder::shard_uneven`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    /// This rank, `0..world_size`.
+    pub rank: usize,
+    /// The number of ranks.
+    pub world_size: usize,
+    /// `false`: every rank gets the same count, the order padded by its
+    /// head (training); `true`: every sample once, counts differing by
+    /// at most one (evaluation).
+    pub uneven: bool,
 }
 
 impl DataLoader {
@@ -87,6 +105,57 @@ impl DataLoader {
     /// the stream orders itself.
     pub fn sampler(&self) -> &Arc<dyn Sampler> {
         self.batches.sampler()
+    }
+    /// This rank's share, when the loader is sharded.
+    pub fn shard(&self) -> Option<Shard> {
+        self.shard
+    }
+    /// The same loader (dataset, batch size, seed, workers, device) with
+    /// this rank's share of every epoch: what the builder's
+    /// [`shard`](DataLoaderBuilder::shard) (`uneven = false`) or
+    /// [`shard_uneven`](DataLoaderBuilder::shard_uneven) would have built.
+    /// A loader with a custom sampler, a stream, or an other shard is
+    /// [`DataError::InvalidConfig`].
+    pub fn sharded(&self, rank: usize, world_size: usize, uneven: bool) -> Result<DataLoader> {
+        let want = Shard {
+            rank,
+            world_size,
+            uneven,
+        };
+        if self.shard == Some(want) {
+            return Ok(self.clone());
+        }
+        if self.shard.is_some() {
+            return Err(DataError::InvalidConfig(format!(
+                "the loader is already sharded as {:?}; cannot make it {want:?}",
+                self.shard
+            )));
+        }
+        let mut b = DataLoaderBuilder::from_arc(Arc::clone(&self.dataset))
+            .batch_size(self.batch_size())
+            .drop_last(self.drop_last())
+            .num_workers(self.num_workers)
+            .force_workers(self.force_workers)
+            .prefetch(self.prefetch);
+        if self.custom_sampler {
+            return Err(DataError::InvalidConfig(
+                "a loader with a custom sampler cannot be sharded: build it with a \
+                 DistributedSampler, or with shuffle(seed) and shard(rank, world_size)"
+                    .into(),
+            ));
+        }
+        if let Some(seed) = self.shuffle {
+            b = b.shuffle(seed);
+        }
+        if let Some(d) = &self.device {
+            b = b.to_device(d);
+        }
+        b = if uneven {
+            b.shard_uneven(rank, world_size)
+        } else {
+            b.shard(rank, world_size)
+        };
+        b.build()
     }
     /// The device batches are moved to, if one was set.
     pub fn device(&self) -> Option<&Device> {
@@ -145,6 +214,7 @@ impl std::fmt::Debug for DataLoader {
             .field("num_workers", &self.num_workers)
             .field("uses_workers", &self.uses_workers())
             .field("prefetch", &self.prefetch)
+            .field("shard", &self.shard)
             .finish_non_exhaustive()
     }
 }
@@ -179,6 +249,7 @@ pub struct DataLoaderBuilder {
     num_workers: usize,
     prefetch: usize,
     force_workers: bool,
+    shard: Option<Shard>,
 }
 
 impl DataLoaderBuilder {
@@ -194,6 +265,7 @@ impl DataLoaderBuilder {
             num_workers: 0,
             prefetch: 2,
             force_workers: false,
+            shard: None,
         }
     }
     /// Samples per batch (must be >= 1).
@@ -213,6 +285,62 @@ impl DataLoaderBuilder {
     /// has no random access; shard it with [`StreamDataset::distributed`]).
     pub fn sampler(mut self, sampler: impl Sampler + 'static) -> Self {
         self.sampler = Some(Arc::new(sampler));
+        self
+    }
+    /// This process is rank `rank` of `world_size` in data-parallel
+    /// training: each epoch it takes its share of the order that one
+    /// process would use (the `(seed, epoch)` permutation of
+    /// [`shuffle`](Self::shuffle), else `0..n`), in [`DistributedSampler`]'s
+    /// layout: rank `r` takes positions `r, r + world_size, ...`, the order
+    /// padded by its head to a multiple of `world_size` so every rank has the
+    /// same number of batches. So `world_size` ranks at batch size `b` see,
+    /// step by step, exactly the samples of one process at batch size
+    /// `world_size * b`, when `world_size` divides the dataset's length (else
+    /// the padding repeats `world_size - n % world_size` samples, as
+    /// PyTorch's sampler does). `batch_size` is per rank.
+    ///
+    /// Not for a custom [`sampler`](Self::sampler) (give it a
+    /// [`DistributedSampler`]) nor a [`StreamDataset`] (use
+    /// [`StreamDataset::distributed`]): [`DataError::InvalidConfig`];
+    /// `rank >= world_size` is [`DataError::InvalidRank`].
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use minibatch_data::{DataLoader, TensorDataset};
+    /// let ds = || TensorDataset::new(vec![Tensor::arange(0u32, 12, &Device::Cpu).unwrap()]).unwrap();
+    /// let ids = |l: &DataLoader| -> Vec<Vec<u32>> {
+    ///     l.epoch(3).map(|b| b.unwrap().tensors()[0].to_vec1().unwrap()).collect()
+    /// };
+    /// let one = DataLoader::builder(ds()).batch_size(4).shuffle(7).build().unwrap();
+    /// let r: Vec<_> = (0..2)
+    ///     .map(|rank| DataLoader::builder(ds()).batch_size(2).shuffle(7).shard(rank, 2).build().unwrap())
+    ///     .collect();
+    /// for (k, batch) in ids(&one).iter().enumerate() {
+    ///     let mut both = [ids(&r[0])[k].clone(), ids(&r[1])[k].clone()].concat();
+    ///     let mut batch = batch.clone();
+    ///     both.sort();
+    ///     batch.sort();
+    ///     assert_eq!(both, batch); // step k: the same samples, split over the ranks
+    /// }
+    /// ```
+    pub fn shard(mut self, rank: usize, world_size: usize) -> Self {
+        self.shard = Some(Shard {
+            rank,
+            world_size,
+            uneven: false,
+        });
+        self
+    }
+    /// Like [`shard`](Self::shard), without padding: the ranks together
+    /// see every sample exactly once ([`DistributedSampler::uneven`]), and
+    /// their batch counts may differ by one. For evaluation, where each rank
+    /// sums over its share and the sums are all-reduced.
+    pub fn shard_uneven(mut self, rank: usize, world_size: usize) -> Self {
+        self.shard = Some(Shard {
+            rank,
+            world_size,
+            uneven: true,
+        });
         self
     }
     /// Drop the last batch when it is shorter than the batch size.
@@ -283,7 +411,49 @@ impl DataLoaderBuilder {
                     .into(),
             ));
         }
+        if let Some(sh) = self.shard {
+            if stream.is_some() {
+                return Err(DataError::InvalidConfig(
+                    "a StreamDataset is sharded by StreamDataset::distributed(rank, world_size), \
+                     not by the loader's shard()"
+                        .into(),
+                ));
+            }
+            if self.sampler.is_some() {
+                return Err(DataError::InvalidConfig(
+                    "shard(rank, world_size) replaces the sampler; with a custom sampler, \
+                     give it a DistributedSampler instead"
+                        .into(),
+                ));
+            }
+            if sh.world_size == 0 || sh.rank >= sh.world_size {
+                return Err(DataError::InvalidRank {
+                    rank: sh.rank,
+                    world_size: sh.world_size,
+                });
+            }
+        }
+        let custom_sampler = self.sampler.is_some();
         let sampler: Arc<dyn Sampler> = match (self.shuffle, self.sampler) {
+            _ if self.shard.is_some() => {
+                let sh = self.shard.expect("checked");
+                if sh.uneven {
+                    Arc::new(DistributedSampler::uneven(
+                        n,
+                        sh.rank,
+                        sh.world_size,
+                        self.shuffle,
+                    )?)
+                } else {
+                    Arc::new(DistributedSampler::new(
+                        n,
+                        sh.rank,
+                        sh.world_size,
+                        self.shuffle,
+                        false,
+                    )?)
+                }
+            }
             // A stream orders itself; the loader cuts its positions into batches.
             _ if stream.is_some() => Arc::new(SequentialSampler::new(n)),
             (Some(_), Some(_)) => return Err(DataError::InvalidConfig(
@@ -314,6 +484,9 @@ impl DataLoaderBuilder {
             num_workers: self.num_workers,
             prefetch: self.prefetch.max(1),
             force_workers: self.force_workers,
+            shuffle: self.shuffle,
+            custom_sampler,
+            shard: self.shard,
         })
     }
 }
@@ -326,6 +499,7 @@ impl std::fmt::Debug for DataLoaderBuilder {
             .field("drop_last", &self.drop_last)
             .field("num_workers", &self.num_workers)
             .field("force_workers", &self.force_workers)
+            .field("shard", &self.shard)
             .finish_non_exhaustive()
     }
 }

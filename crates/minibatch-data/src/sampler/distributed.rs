@@ -27,6 +27,9 @@ pub struct DistributedSampler {
     world_size: usize,
     seed: Option<u64>,
     drop_last: bool,
+    /// Neither pad nor drop: rank `r` takes the positions `r, r + world_size, ...`
+    /// below `n` (see [`DistributedSampler::uneven`]).
+    uneven: bool,
     num_samples: usize,
 }
 
@@ -55,8 +58,29 @@ impl DistributedSampler {
             world_size,
             seed,
             drop_last,
+            uneven: false,
             num_samples,
         })
+    }
+    /// Rank `rank`'s share with neither padding nor dropping: the positions
+    /// `rank, rank + world_size, ...` of the order that are below `n`, so
+    /// the ranks together see every sample exactly once and their counts
+    /// differ by at most one. For evaluation, where each rank sums its
+    /// share and the sums are reduced; training needs the equal counts of
+    /// [`new`](Self::new). A rank with no sample (`n < world_size`) has an
+    /// empty sampler.
+    ///
+    /// ```
+    /// use minibatch_data::{DistributedSampler, Sampler};
+    /// let r2 = DistributedSampler::uneven(10, 2, 3, None).unwrap();
+    /// assert_eq!(r2.indices(0), vec![2, 5, 8]);
+    /// assert_eq!(DistributedSampler::uneven(10, 0, 3, None).unwrap().len(), 4);
+    /// ```
+    pub fn uneven(n: usize, rank: usize, world_size: usize, seed: Option<u64>) -> Result<Self> {
+        let mut s = Self::new(n, rank, world_size, seed, true)?;
+        s.uneven = true;
+        s.num_samples = n.saturating_sub(rank).div_ceil(world_size);
+        Ok(s)
     }
     /// This sampler's rank.
     pub fn rank(&self) -> usize {
@@ -65,6 +89,10 @@ impl DistributedSampler {
     /// The number of ranks.
     pub fn world_size(&self) -> usize {
         self.world_size
+    }
+    /// The shuffle seed (`None`: the order `0..n`).
+    pub fn seed(&self) -> Option<u64> {
+        self.seed
     }
 }
 
@@ -77,6 +105,13 @@ impl Sampler for DistributedSampler {
             Some(s) => permutation(self.n, s, epoch),
             None => (0..self.n).collect(),
         };
+        if self.uneven {
+            return order
+                .into_iter()
+                .skip(self.rank)
+                .step_by(self.world_size)
+                .collect();
+        }
         let total = self.num_samples * self.world_size;
         if self.drop_last || order.is_empty() {
             order.truncate(total);
