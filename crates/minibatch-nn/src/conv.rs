@@ -36,10 +36,10 @@ use candle_nn::{Conv2dConfig, VarBuilder};
 
 use crate::dispatch::cpu_kernel;
 use crate::error::NnError;
-use crate::im2col::Geom;
-
 mod op;
+mod unfold;
 use op::ConvOp;
+use unfold::Geom;
 
 /// A 2-D convolution `y = conv(x, W) + b` over `(N, C, H, W)` inputs.
 ///

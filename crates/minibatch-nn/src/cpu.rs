@@ -1,47 +1,8 @@
-//! Small helpers of the fused CPU kernels: the float types they run on, and
-//! read access to a tensor's host memory without copying it.
+//! Small helpers of the fused CPU kernels: read access to a tensor's host
+//! memory without copying it, and integer class ids.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cpu::kernels::VecOps;
 use candle_core::{CpuStorage, Layout, Storage, Tensor, WithDType};
-
-use crate::gemm::GemmFloat;
-
-/// The element types of the fused kernels (`f32`, `f64`), with the few
-/// functions they need beyond candle's `WithDType`.
-pub(crate) trait Real: WithDType + VecOps + GemmFloat {
-    fn exp(self) -> Self;
-    fn ln(self) -> Self;
-    /// `Σ xs` in the order candle's own CPU reductions use (its
-    /// `vec_reduce_sum`, SIMD for `f32`), so fused kernels reproduce candle's
-    /// results bit for bit.
-    fn sum(xs: &[Self]) -> Self {
-        let mut s = Self::zero();
-        if !xs.is_empty() {
-            // SAFETY: `xs.len()` elements are readable.
-            unsafe { Self::vec_reduce_sum(xs.as_ptr(), &mut s, xs.len()) };
-        }
-        s
-    }
-}
-
-impl Real for f32 {
-    fn exp(self) -> Self {
-        f32::exp(self)
-    }
-    fn ln(self) -> Self {
-        f32::ln(self)
-    }
-}
-
-impl Real for f64 {
-    fn exp(self) -> Self {
-        f64::exp(self)
-    }
-    fn ln(self) -> Self {
-        f64::ln(self)
-    }
-}
 
 /// The elements of a contiguous CPU storage, `T`-typed, from the layout's
 /// offset; an error for another dtype or a strided layout.

@@ -44,8 +44,9 @@ use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, ModuleT, Shape, 
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::cpu::{contiguous, with_cpu, Real};
+use crate::cpu::{contiguous, with_cpu};
 use crate::dispatch::cpu_kernel;
+use crate::float::Float;
 use crate::NnError;
 
 /// The seed of a [`Dropout`] built with [`Dropout::new`].
@@ -234,7 +235,7 @@ struct DropoutOp {
     kept: OnceLock<Vec<u64>>,
 }
 
-fn apply<T: Real>(xs: &[T], mask: &MaskSource, scale: f64) -> (Vec<T>, Vec<u64>) {
+fn apply<T: Float>(xs: &[T], mask: &MaskSource, scale: f64) -> (Vec<T>, Vec<u64>) {
     let s = T::from_f64(scale);
     let mut out = Vec::with_capacity(xs.len());
     let mut bits = vec![0u64; xs.len().div_ceil(64)];
@@ -249,7 +250,7 @@ fn apply<T: Real>(xs: &[T], mask: &MaskSource, scale: f64) -> (Vec<T>, Vec<u64>)
     (out, bits)
 }
 
-fn apply_bits<T: Real>(g: &[T], bits: &[u64], scale: f64) -> Vec<T> {
+fn apply_bits<T: Float>(g: &[T], bits: &[u64], scale: f64) -> Vec<T> {
     let s = T::from_f64(scale);
     g.iter()
         .enumerate()

@@ -19,8 +19,9 @@ use std::sync::{Arc, OnceLock};
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Module, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use crate::cpu::{contiguous, with_cpu, ClassIds, Real};
+use crate::cpu::{contiguous, with_cpu, ClassIds};
 use crate::dispatch::cpu_kernel;
+use crate::float::Float;
 use crate::ids::check_ids;
 use crate::NnError;
 
@@ -129,7 +130,7 @@ fn embedding_op() -> Arc<Box<dyn CustomOp2 + Send + Sync>> {
 
 struct EmbeddingOp;
 
-fn gather_rows<T: Real>(table: &[T], ids: &ClassIds, d: usize) -> Vec<T> {
+fn gather_rows<T: Float>(table: &[T], ids: &ClassIds, d: usize) -> Vec<T> {
     let mut out = Vec::with_capacity(ids.len() * d);
     for i in 0..ids.len() {
         let r = ids.get(i) as usize;
@@ -138,7 +139,7 @@ fn gather_rows<T: Real>(table: &[T], ids: &ClassIds, d: usize) -> Vec<T> {
     out
 }
 
-fn scatter_rows<T: Real>(grad: &[T], ids: &ClassIds, n: usize, d: usize) -> Vec<T> {
+fn scatter_rows<T: Float>(grad: &[T], ids: &ClassIds, n: usize, d: usize) -> Vec<T> {
     let mut out = vec![T::zero(); n * d];
     for (i, g) in grad.chunks_exact(d).enumerate() {
         let r = ids.get(i) as usize;

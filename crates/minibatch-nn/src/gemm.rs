@@ -6,7 +6,8 @@
 
 use gemm::Parallelism;
 
-use crate::im2col::{assume_init, parts, run_parts, uninit};
+use crate::float::Float;
+use crate::split::{assume_init, parts, run_parts, uninit};
 
 /// A read-only strided matrix view: element `(i, j)` is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy, Debug)]
@@ -46,20 +47,6 @@ impl<'a, T> Mat<'a, T> {
     }
 }
 
-/// Element types the kernels multiply.
-pub(crate) trait GemmFloat: Copy + Send + Sync + 'static {
-    const ZERO: Self;
-    const ONE: Self;
-}
-impl GemmFloat for f32 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-}
-impl GemmFloat for f64 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-}
-
 /// `dst = a · b` (or `dst += a · b` with `accumulate`) on one thread, `dst`
 /// row-major `(a.rows, b.cols)` with row stride `dst_rs`: for kernels that
 /// already split their work over threads (one product per image, say).
@@ -67,7 +54,7 @@ impl GemmFloat for f64 {
 /// Panics if the shapes disagree or a view reaches past its slice: those are
 /// bugs in this crate's kernels, never user input (callers check shapes and
 /// return errors first).
-pub(crate) fn matmul_seq<T: GemmFloat>(
+pub(crate) fn matmul_seq<T: Float>(
     dst: &mut [T],
     dst_rs: usize,
     a: Mat<T>,
@@ -78,7 +65,7 @@ pub(crate) fn matmul_seq<T: GemmFloat>(
 }
 
 /// [`matmul_seq`] with the thread split given by the caller.
-pub(crate) fn matmul_with<T: GemmFloat>(
+pub(crate) fn matmul_with<T: Float>(
     dst: &mut [T],
     dst_rs: usize,
     a: Mat<T>,
@@ -116,7 +103,7 @@ pub(crate) fn matmul_with<T: GemmFloat>(
 /// `a` and `b` fit their slices and agree on `k`, `dst` points at a buffer
 /// with room for `(a.rows - 1) * dst_rs + b.cols` elements, and with
 /// `accumulate` those elements are initialised.
-unsafe fn gemm_raw<T: GemmFloat>(
+unsafe fn gemm_raw<T: Float>(
     dst: *mut T,
     dst_rs: usize,
     a: Mat<T>,
@@ -156,7 +143,7 @@ unsafe fn gemm_raw<T: GemmFloat>(
 /// element-wise ops and this crate's other kernels use: a second pool
 /// (rayon's, which the `gemm` crate would use) would compete with candle's
 /// spinning workers for the cores, which made small products slower.
-pub(crate) fn matmul_new<T: GemmFloat>(a: Mat<T>, b: Mat<T>) -> Vec<T> {
+pub(crate) fn matmul_new<T: Float>(a: Mat<T>, b: Mat<T>) -> Vec<T> {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(k, b.rows, "gemm: inner dimensions differ");
     assert!(a.fits() && b.fits(), "gemm: operand view out of bounds");

@@ -15,9 +15,9 @@ mod dispatch;
 pub mod dropout;
 mod embedding;
 mod error;
+mod float;
 mod gemm;
 mod ids;
-mod im2col;
 mod init;
 mod layer_norm;
 mod linear;
@@ -25,6 +25,7 @@ pub mod loss;
 pub mod ops;
 mod rms_norm;
 pub mod rotary_emb;
+mod split;
 
 pub use conv::{conv2d, conv2d_no_bias, Conv2d};
 pub use dispatch::{set_tensor_path, tensor_path};

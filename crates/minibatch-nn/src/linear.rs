@@ -39,8 +39,9 @@ use std::sync::{Arc, OnceLock};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Module, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use crate::cpu::{contiguous, with_cpu, Real};
+use crate::cpu::{contiguous, with_cpu};
 use crate::dispatch::cpu_kernel;
+use crate::float::Float;
 use crate::gemm::{matmul_new, Mat};
 use crate::NnError;
 
@@ -207,7 +208,7 @@ fn linear_no_bias_op() -> Arc<Box<dyn CustomOp2 + Send + Sync>> {
 struct LinearOp;
 
 /// A strided 2-D view of a tensor's storage.
-fn mat<'a, T: Real>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<Mat<'a, T>> {
+fn mat<'a, T: Float>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<Mat<'a, T>> {
     let (rows, cols) = l.shape().dims2()?;
     let all = T::cpu_storage_as_slice(s)?;
     let st = l.stride();
@@ -221,7 +222,7 @@ fn mat<'a, T: Real>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<Mat<'a
 }
 
 /// Forward kernel: `x (M, K)`, `w (N, K)`, optional bias `(N,)`.
-fn forward<T: Real>(
+fn forward<T: Float>(
     x: &CpuStorage,
     lx: &Layout,
     w: &CpuStorage,
@@ -252,7 +253,7 @@ fn forward<T: Real>(
 }
 
 /// The gradients of `(x, w, b)` from `grad (M, N)`; `dx` only when `want_dx`.
-fn backward<T: Real>(
+fn backward<T: Float>(
     x: &Tensor,
     w: &Tensor,
     grad: &Tensor,

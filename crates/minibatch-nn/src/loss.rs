@@ -10,8 +10,9 @@ use std::sync::{Arc, OnceLock};
 
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
 
-use crate::cpu::{contiguous, with_cpu, ClassIds, Real};
+use crate::cpu::{contiguous, with_cpu, ClassIds};
 use crate::dispatch::cpu_kernel;
+use crate::float::Float;
 use crate::ids::{check_ids, check_index_dtype};
 use crate::NnError;
 
@@ -180,7 +181,7 @@ struct CrossEntropyOp {
 }
 
 /// Forward: the loss, and `[max, log_sum]` per row.
-fn ce_forward<T: Real>(x: &[T], ids: &ClassIds, c: usize) -> candle_core::Result<(T, Vec<T>)> {
+fn ce_forward<T: Float>(x: &[T], ids: &ClassIds, c: usize) -> candle_core::Result<(T, Vec<T>)> {
     let b = ids.len();
     ids.check(c, "cross_entropy")?;
     let mut stats = Vec::with_capacity(2 * b);
@@ -191,18 +192,18 @@ fn ce_forward<T: Real>(x: &[T], ids: &ClassIds, c: usize) -> candle_core::Result
         for (e, &v) in exps.iter_mut().zip(row) {
             *e = (v - max).exp();
         }
-        let log_sum = T::sum(&exps).ln();
+        let log_sum = T::sum_candle_order(&exps).ln();
         picked.push((row[ids.get(r) as usize] - max) - log_sum);
         stats.push(max);
         stats.push(log_sum);
     }
     // candle-nn: gather, sum_all, affine(-1/B, 0).
-    let loss = T::sum(&picked) * T::from_f64(-1f64 / b as f64) + T::zero();
+    let loss = T::sum_candle_order(&picked) * T::from_f64(-1f64 / b as f64) + T::zero();
     Ok((loss, stats))
 }
 
 /// Backward: `(softmax - onehot) · g / B`.
-fn ce_backward<T: Real>(x: &[T], ids: &ClassIds, stats: &[T], c: usize, g: T) -> Vec<T> {
+fn ce_backward<T: Float>(x: &[T], ids: &ClassIds, stats: &[T], c: usize, g: T) -> Vec<T> {
     let b = ids.len();
     let scale = g / T::from_f64(b as f64);
     let mut out = Vec::with_capacity(b * c);

@@ -35,8 +35,9 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D
 
 use crate::dispatch::cpu_kernel;
 use crate::error::NnError;
+use crate::float::Float;
 use crate::ops::rows::{row_blocks, slice, tensor, with_slices};
-use crate::ops::simd::{simd_dispatch, Float};
+use crate::ops::simd::simd_dispatch;
 
 /// Rotary embedding of `xs` `(b, h, t, d)`, rotating the two halves of each
 /// head (`i` with `i + d/2`), as `candle_nn::rotary_emb::rope`.

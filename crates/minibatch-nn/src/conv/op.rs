@@ -5,11 +5,12 @@
 
 use candle_core::{CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 
+use super::unfold::{col2im_add, im2col, Geom};
 use crate::cpu::contiguous;
+use crate::float::Float;
 use crate::gemm::{matmul_seq, Mat};
-use crate::im2col::{
-    assume_init, col2im_add, fill_uninit, im2col, parts, run_parts, sum, uninit, ConvFloat, Geom,
-};
+use crate::ops::simd::sum_8_pairwise;
+use crate::split::{assume_init, fill_uninit, parts, run_parts, uninit};
 
 /// The fused CPU convolution (see the module docs), as a custom op over
 /// `(x, W)` or `(x, W, b)`.
@@ -125,7 +126,7 @@ impl ConvOp {
         }
     }
 
-    fn bwd_typed<T: ConvFloat>(
+    fn bwd_typed<T: Float>(
         &self,
         x: &Tensor,
         w: &Tensor,
@@ -243,7 +244,7 @@ fn rows<T>(m: &[T], q: usize, rows: usize, p: usize) -> Mat<'_, T> {
     Mat::row_major(&m[q * rows * p..(q + 1) * rows * p], rows, p)
 }
 
-fn conv_fwd<T: ConvFloat>(x: &[T], w: &[T], bias: Option<&[T]>, d: &Dims) -> Vec<T> {
+fn conv_fwd<T: Float>(x: &[T], w: &[T], bias: Option<&[T]>, d: &Dims) -> Vec<T> {
     let (g, p, img) = (d.g, d.g.out_pixels(), d.image());
     let out_img = d.o * p;
     let mut out = uninit::<T>(d.n * out_img);
@@ -293,7 +294,7 @@ fn conv_fwd<T: ConvFloat>(x: &[T], w: &[T], bias: Option<&[T]>, d: &Dims) -> Vec
 
 type Grads<T> = (Option<Vec<T>>, Option<Vec<T>>, Option<Vec<T>>);
 
-fn conv_bwd<T: ConvFloat>(x: &[T], w: &[T], grad: &[T], d: &Dims, need: Need) -> Grads<T> {
+fn conv_bwd<T: Float>(x: &[T], w: &[T], grad: &[T], d: &Dims, need: Need) -> Grads<T> {
     let (g, p, img) = (d.g, d.g.out_pixels(), d.image());
     let (o, kg, og) = (d.o, d.kg(), d.og());
     let (per, nparts) = d.split();
@@ -345,7 +346,7 @@ fn conv_bwd<T: ConvFloat>(x: &[T], w: &[T], grad: &[T], d: &Dims, need: Need) ->
                 }
                 if need.db {
                     for (acc, row) in db.iter_mut().zip(g_n.chunks_exact(p)) {
-                        *acc += sum(row);
+                        *acc += sum_8_pairwise(row);
                     }
                 }
                 if let Some(chunk) = slot.as_deref_mut() {

@@ -31,10 +31,11 @@ use std::ops::Range;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor};
 
-use super::simd::{dot, simd_dispatch, Float};
+use super::simd::{dot, simd_dispatch};
 use crate::dispatch::cpu_kernel;
 use crate::error::NnError;
-use crate::im2col::{parts, run_parts};
+use crate::float::Float;
+use crate::split::{parts, run_parts};
 
 /// Attention of the queries `q` over the keys `k` and values `v`, as
 /// PyTorch's `torch.nn.functional.scaled_dot_product_attention(q, k, v,
@@ -188,8 +189,8 @@ fn additive_mask(mask: &Tensor, q: &Tensor, g: &Geom) -> Result<Tensor> {
     let m = match mask.dtype() {
         DType::U8 => {
             let zero = Tensor::zeros(mask.shape(), q.dtype(), q.device())?;
-            let ninf = Tensor::full(f32::NEG_INFINITY, mask.shape(), q.device())?
-                .to_dtype(q.dtype())?;
+            let ninf =
+                Tensor::full(f32::NEG_INFINITY, mask.shape(), q.device())?.to_dtype(q.dtype())?;
             mask.where_cond(&zero, &ninf)?
         }
         dt if dt.is_float() => mask.to_dtype(q.dtype())?,
@@ -331,7 +332,11 @@ fn composed(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, g: &Geom)
             .reshape((b, g.h, t, d))
     };
     // candle's batched matmul needs collapsible batch strides.
-    let (q, k, v) = (q.contiguous()?, repeat(k)?.contiguous()?, repeat(v)?.contiguous()?);
+    let (q, k, v) = (
+        q.contiguous()?,
+        repeat(k)?.contiguous()?,
+        repeat(v)?.contiguous()?,
+    );
     let mut s = (q.matmul(&k.t()?)? * g.scale)?;
     if g.causal {
         let mask: Vec<f32> = (0..g.tq)
@@ -406,7 +411,14 @@ impl<'a, T: Float> View<'a, T> {
     /// Row `i` of the `(b, h, tq, tk)` mask for batch `bi`, head `hi`: a
     /// slice of the storage when its keys are contiguous, else copied to
     /// `scratch`.
-    fn row<'s>(&'s self, bi: usize, hi: usize, i: usize, n: usize, scratch: &'s mut [T]) -> &'s [T] {
+    fn row<'s>(
+        &'s self,
+        bi: usize,
+        hi: usize,
+        i: usize,
+        n: usize,
+        scratch: &'s mut [T],
+    ) -> &'s [T] {
         let [s0, s1, s2, s3] = self.stride;
         let at = self.start + bi * s0 + hi * s1 + i * s2;
         if s3 == 1 {
@@ -564,7 +576,13 @@ impl Sdpa {
     /// that read it: K and V are gathered once per unit, and its `dK`, `dV`
     /// are summed over the group within one part (no two parts write the
     /// same rows).
-    fn forward<T: Float>(&self, q: View<T>, k: View<T>, v: View<T>, mask: Option<View<T>>) -> Vec<T> {
+    fn forward<T: Float>(
+        &self,
+        q: View<T>,
+        k: View<T>,
+        v: View<T>,
+        mask: Option<View<T>>,
+    ) -> Vec<T> {
         let g = &self.g;
         let (tq, tk, d, dv, grp) = (g.tq, g.tk, g.d, g.dv, g.group());
         // Zeroed by the allocator (calloc), accumulated into below.
@@ -687,7 +705,11 @@ impl Sdpa {
                 ),
             }
         };
-        let mask = if self.mask.is_some() { Some(view(4)?) } else { None };
+        let mask = if self.mask.is_some() {
+            Some(view(4)?)
+        } else {
+            None
+        };
         let (dq, dk, dv) = self.backward([view(0)?, view(1)?, view(2)?, view(3)?], mask);
         let cpu = Device::Cpu;
         Ok((

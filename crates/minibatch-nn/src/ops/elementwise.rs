@@ -7,7 +7,7 @@ use std::mem::MaybeUninit;
 use candle_core::{CpuStorage, Layout, Result, Shape, Storage, Tensor};
 
 use crate::cpu::contiguous;
-use crate::im2col::{assume_init, parts, run_parts, uninit};
+use crate::split::{assume_init, parts, run_parts, uninit};
 
 /// `n` elements, each chunk written by `f(chunk, offset of its first
 /// element)`; split over candle's CPU pool when `work` (about the cost of

@@ -16,7 +16,8 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 
 use super::elementwise::{cpu_bwd, cpu_fwd, map};
 use crate::dispatch::cpu_kernel;
-use crate::ops::simd::{exp_f32, has_avx2};
+use crate::float::{exp_f32, Float};
+use crate::ops::simd::simd_dispatch;
 
 /// The GELU of the tanh approximation, elementwise, with a fast backward
 /// pass on the CPU:
@@ -97,37 +98,20 @@ enum Kind {
 
 struct GeluOp(Kind);
 
-/// The scalar maths of both GELUs and their derivatives, per float type.
-trait GeluFloat: candle_core::WithDType + Send + Sync + std::ops::Mul<Output = Self> {
-    fn gelu(x: Self) -> Self;
-    fn dgelu(x: Self) -> Self;
-    fn gelu_erf(x: Self) -> Self;
-    fn dgelu_erf(x: Self) -> Self;
-}
-
-macro_rules! gelu_float {
-    ($t:ident, $gelu:ident, $dgelu:ident, $erf:path) => {
-        impl GeluFloat for $t {
-            #[inline(always)]
-            fn gelu(v: $t) -> $t {
-                $gelu(v)
-            }
-            #[inline(always)]
-            fn dgelu(v: $t) -> $t {
-                $dgelu(v)
-            }
-            #[inline(always)]
-            fn gelu_erf(v: $t) -> $t {
-                // candle-core 0.11.1's `GeluErf::f32`/`f64`, term for term.
-                ($erf(v * std::$t::consts::FRAC_1_SQRT_2) + 1.) * 0.5 * v
-            }
-            #[inline(always)]
-            fn dgelu_erf(v: $t) -> $t {
-                let cdf = 0.5 * ($erf(v * std::$t::consts::FRAC_1_SQRT_2) + 1.);
-                let pdf = $t::exp(-0.5 * v * v) * FRAC_1_SQRT_2PI as $t;
-                // The density underflows to 0 for large |x|: no `inf · 0`.
-                cdf + if pdf == 0.0 { 0.0 } else { v * pdf }
-            }
+/// The exact GELU and its derivative per float type, `$erf` candle's `erf`.
+macro_rules! gelu_erf_fns {
+    ($t:ident, $gelu_erf:ident, $dgelu_erf:ident, $erf:path) => {
+        /// candle-core 0.11.1's `GeluErf::f32`/`f64`, term for term.
+        #[inline(always)]
+        fn $gelu_erf(v: $t) -> $t {
+            ($erf(v * std::$t::consts::FRAC_1_SQRT_2) + 1.) * 0.5 * v
+        }
+        #[inline(always)]
+        fn $dgelu_erf(v: $t) -> $t {
+            let cdf = 0.5 * ($erf(v * std::$t::consts::FRAC_1_SQRT_2) + 1.);
+            let pdf = $t::exp(-0.5 * v * v) * FRAC_1_SQRT_2PI as $t;
+            // The density underflows to 0 for large |x|: no `inf · 0`.
+            cdf + if pdf == 0.0 { 0.0 } else { v * pdf }
         }
     };
 }
@@ -192,74 +176,70 @@ fn dgelu_f32(v: f32) -> f32 {
     0.5 * one_plus_t + if sech2 == 0.0 { 0.0 } else { curve }
 }
 
-gelu_float!(f32, gelu_f32, dgelu_f32, candle_core::cpu::erf::erf_f32);
-gelu_float!(f64, gelu_f64, dgelu_f64, candle_core::cpu::erf::erf_f64);
+gelu_erf_fns!(
+    f32,
+    gelu_erf_f32,
+    dgelu_erf_f32,
+    candle_core::cpu::erf::erf_f32
+);
+gelu_erf_fns!(
+    f64,
+    gelu_erf_f64,
+    dgelu_erf_f64,
+    candle_core::cpu::erf::erf_f64
+);
 
-/// Defines `$name(args)`, the `#[inline(always)]` loop `$body` compiled for
-/// AVX2 when the processor has it (so `exp_f32` runs 8 lanes at a time) and
-/// for the build's baseline otherwise; no fused multiply-adds, so both give
-/// the same bits.
-macro_rules! avx2_dispatch {
-    ($name:ident($($arg:ident: $ty:ty),*) => $body:ident) => {
-        fn $name<T: GeluFloat>($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2")]
-                unsafe fn avx2<T: GeluFloat>($($arg: $ty),*) {
-                    $body::<T>($($arg),*)
-                }
-                if has_avx2() {
-                    // SAFETY: the processor supports AVX2 (checked just above).
-                    return unsafe { avx2::<T>($($arg),*) };
-                }
-            }
-            $body::<T>($($arg),*)
-        }
-    };
-}
-
+/// `out[i] = f(x[i])`.
 #[inline(always)]
-fn gelu_loop<T: GeluFloat>(x: &[T], out: &mut [MaybeUninit<T>]) {
+fn map_loop<T: Float>(x: &[T], out: &mut [MaybeUninit<T>], f: impl Fn(T) -> T) {
     for (o, &v) in out.iter_mut().zip(x) {
-        o.write(T::gelu(v));
+        o.write(f(v));
     }
 }
 
+/// `out[i] = g[i] · df(x[i])`.
 #[inline(always)]
-fn dgelu_loop<T: GeluFloat>(x: &[T], g: &[T], out: &mut [MaybeUninit<T>]) {
+fn grad_loop<T: Float>(x: &[T], g: &[T], out: &mut [MaybeUninit<T>], df: impl Fn(T) -> T) {
     for ((o, &x), &g) in out.iter_mut().zip(x).zip(g) {
-        o.write(g * T::dgelu(x));
+        o.write(g * df(x));
     }
 }
 
-avx2_dispatch!(gelu_slice(x: &[T], out: &mut [MaybeUninit<T>]) => gelu_loop);
-avx2_dispatch!(dgelu_slice(x: &[T], g: &[T], out: &mut [MaybeUninit<T>]) => dgelu_loop);
+// Compiled for AVX2 when the processor has it, so that `exp_f32` (in the
+// tanh GELU's `f32` maths) runs 8 lanes at a time.
+simd_dispatch!(fn map_slice(x: &[T], out: &mut [MaybeUninit<T>], f: impl Fn(T) -> T) => map_loop);
+simd_dispatch!(fn grad_slice(x: &[T], g: &[T], out: &mut [MaybeUninit<T>], df: impl Fn(T) -> T) => grad_loop);
 
-fn fwd<T: GeluFloat>(kind: Kind, x: &[T]) -> Vec<T> {
+/// The forward pass, `gelu` and `gelu_erf` the scalar maths of `T`.
+fn fwd<T: Float>(
+    kind: Kind,
+    x: &[T],
+    gelu: impl Fn(T) -> T + Copy + Sync,
+    gelu_erf: impl Fn(T) -> T + Copy + Sync,
+) -> Vec<T> {
     // A tanh or erf costs tens of flops an element.
     map(x.len(), x.len().saturating_mul(8), |out, at| {
         let x = &x[at..at + out.len()];
         match kind {
-            Kind::Tanh => gelu_slice(x, out),
-            Kind::Erf => {
-                for (o, &v) in out.iter_mut().zip(x) {
-                    o.write(T::gelu_erf(v));
-                }
-            }
+            Kind::Tanh => map_slice(x, out, gelu),
+            Kind::Erf => map_loop(x, out, gelu_erf),
         }
     })
 }
 
-fn bwd<T: GeluFloat>(kind: Kind, x: &[T], g: &[T]) -> Vec<T> {
+/// The backward pass, `dgelu` and `dgelu_erf` the scalar derivatives of `T`.
+fn bwd<T: Float>(
+    kind: Kind,
+    x: &[T],
+    g: &[T],
+    dgelu: impl Fn(T) -> T + Copy + Sync,
+    dgelu_erf: impl Fn(T) -> T + Copy + Sync,
+) -> Vec<T> {
     map(x.len(), x.len().saturating_mul(8), |out, at| {
         let (x, g) = (&x[at..at + out.len()], &g[at..at + out.len()]);
         match kind {
-            Kind::Tanh => dgelu_slice(x, g, out),
-            Kind::Erf => {
-                for ((o, &x), &g) in out.iter_mut().zip(x).zip(g) {
-                    o.write(g * T::dgelu_erf(x));
-                }
-            }
+            Kind::Tanh => grad_slice(x, g, out, dgelu),
+            Kind::Erf => grad_loop(x, g, out, dgelu_erf),
         }
     })
 }
@@ -274,7 +254,13 @@ impl CustomOp1 for GeluOp {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let k = self.0;
-        cpu_fwd("gelu", s, l, |x| fwd::<f32>(k, x), |x| fwd::<f64>(k, x))
+        cpu_fwd(
+            "gelu",
+            s,
+            l,
+            |x| fwd(k, x, gelu_f32, gelu_erf_f32),
+            |x| fwd(k, x, gelu_f64, gelu_erf_f64),
+        )
     }
 
     fn bwd(
@@ -288,8 +274,8 @@ impl CustomOp1 for GeluOp {
             "gelu",
             arg,
             grad,
-            |x, g| bwd::<f32>(k, x, g),
-            |x, g| bwd::<f64>(k, x, g),
+            |x, g| bwd(k, x, g, dgelu_f32, dgelu_erf_f32),
+            |x, g| bwd(k, x, g, dgelu_f64, dgelu_erf_f64),
         )
         .map(Some)
     }

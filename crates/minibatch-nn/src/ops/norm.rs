@@ -30,9 +30,10 @@ use candle_core::backend::BackendStorage as _;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
 use super::rows::{row_blocks, slice, tensor, with_slices};
-use super::simd::{dot, simd_dispatch, sum, Float, LANES};
+use super::simd::{dot, simd_dispatch, sum_16_pairwise, LANES};
 use crate::dispatch::cpu_kernel;
 use crate::error::NnError;
+use crate::float::Float;
 
 /// Layer normalisation over the last dimension with weight `alpha` and bias
 /// `beta` (both of shape `(n,)`): candle-nn's `ops::layer_norm`, whose fused
@@ -429,7 +430,7 @@ fn norm_rows_body<T: Float>(
     let rows = x.chunks_exact(n).zip(y.chunks_exact_mut(n));
     for ((x, y), st) in rows.zip(stats.chunks_exact_mut(k)) {
         let (mu, var) = if remove_mean {
-            let mu = sum(x) / nf;
+            let mu = sum_16_pairwise(x) / nf;
             (mu, sum_sq_dev(x, mu) / nf)
         } else {
             (T::ZERO, dot(x, x) / nf)

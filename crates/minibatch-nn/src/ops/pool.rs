@@ -32,7 +32,8 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, ToUsize2}
 use crate::cpu::contiguous;
 use crate::dispatch::cpu_kernel;
 use crate::error::NnError;
-use crate::im2col::{assume_init, fill_uninit, parts, run_parts, uninit, ConvFloat};
+use crate::float::Float;
+use crate::split::{assume_init, fill_uninit, parts, run_parts, uninit};
 
 /// Pooling window geometry over one plane.
 #[derive(Clone, Copy, Debug)]
@@ -238,7 +239,7 @@ struct MaxPoolOp {
 /// A part's output values and argmaxes.
 type Pair<'a, T> = (&'a mut [MaybeUninit<T>], &'a mut [MaybeUninit<u32>]);
 
-fn max_fwd<T: ConvFloat>(x: &[T], win: &Win) -> (Vec<T>, Vec<u32>) {
+fn max_fwd<T: Float>(x: &[T], win: &Win) -> (Vec<T>, Vec<u32>) {
     let (hw, op) = (win.plane(), win.out_plane());
     let planes = x.len() / hw;
     let mut out = uninit::<T>(planes * op);
@@ -267,17 +268,12 @@ fn max_fwd<T: ConvFloat>(x: &[T], win: &Win) -> (Vec<T>, Vec<u32>) {
 /// PyTorch's running-max rule: `v` takes over from `m` if it is larger or NaN
 /// (so the first maximum wins, and the last NaN).
 #[inline(always)]
-fn takes_over<T: ConvFloat>(v: T, m: T) -> bool {
+fn takes_over<T: Float>(v: T, m: T) -> bool {
     v > m || v.is_nan()
 }
 
 /// Max pooling of one plane, any window and stride.
-fn max_plane<T: ConvFloat>(
-    p: &[T],
-    win: &Win,
-    o: &mut [MaybeUninit<T>],
-    a: &mut [MaybeUninit<u32>],
-) {
+fn max_plane<T: Float>(p: &[T], win: &Win, o: &mut [MaybeUninit<T>], a: &mut [MaybeUninit<u32>]) {
     for oy in 0..win.oh {
         for ox in 0..win.ow {
             let (y0, x0) = (oy * win.sh, ox * win.sw);
@@ -302,7 +298,7 @@ fn max_plane<T: ConvFloat>(
 /// case), branch-free: each row pair is reduced across, then the two rows
 /// against each other, which picks the same element as the running max over
 /// the window in row-major order.
-fn max_plane_2x2<T: ConvFloat>(
+fn max_plane_2x2<T: Float>(
     p: &[T],
     win: &Win,
     o: &mut [MaybeUninit<T>],
@@ -336,7 +332,7 @@ fn max_plane_2x2<T: ConvFloat>(
     }
 }
 
-fn max_bwd<T: ConvFloat>(grad: &[T], am: &[u32], win: &Win) -> Vec<T> {
+fn max_bwd<T: Float>(grad: &[T], am: &[u32], win: &Win) -> Vec<T> {
     let (hw, op) = (win.plane(), win.out_plane());
     let planes = grad.len() / op.max(1);
     let mut dx = uninit::<T>(planes * hw);
@@ -416,7 +412,7 @@ struct AvgPoolOp {
     win: Win,
 }
 
-fn avg_fwd<T: ConvFloat>(x: &[T], win: &Win) -> Vec<T> {
+fn avg_fwd<T: Float>(x: &[T], win: &Win) -> Vec<T> {
     let (hw, op) = (win.plane(), win.out_plane());
     let planes = x.len() / hw;
     let count = T::from_usize(win.kh * win.kw);
@@ -442,7 +438,7 @@ fn avg_fwd<T: ConvFloat>(x: &[T], win: &Win) -> Vec<T> {
     unsafe { assume_init(out) }
 }
 
-fn avg_bwd<T: ConvFloat>(grad: &[T], win: &Win) -> Vec<T> {
+fn avg_bwd<T: Float>(grad: &[T], win: &Win) -> Vec<T> {
     let (hw, op) = (win.plane(), win.out_plane());
     let planes = grad.len() / op.max(1);
     let count = T::from_usize(win.kh * win.kw);

@@ -14,7 +14,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 
 use super::elementwise::{cpu_bwd, cpu_fwd, map};
 use crate::dispatch::cpu_kernel;
-use crate::im2col::ConvFloat;
+use crate::float::Float;
 
 /// The rectified linear unit `max(x, 0)`, elementwise, with a fast
 /// backward pass on the CPU. Same values as candle's `Tensor::relu`
@@ -41,7 +41,7 @@ pub fn relu(x: &Tensor) -> candle_core::Result<Tensor> {
 
 struct ReluOp;
 
-fn fwd<T: ConvFloat>(x: &[T]) -> Vec<T> {
+fn fwd<T: Float>(x: &[T]) -> Vec<T> {
     map(x.len(), x.len() / 4, |out, at| {
         let x = &x[at..at + out.len()];
         for (o, &v) in out.iter_mut().zip(x) {
@@ -51,7 +51,7 @@ fn fwd<T: ConvFloat>(x: &[T]) -> Vec<T> {
     })
 }
 
-fn bwd<T: ConvFloat>(y: &[T], g: &[T]) -> Vec<T> {
+fn bwd<T: Float>(y: &[T], g: &[T]) -> Vec<T> {
     map(y.len(), y.len() / 4, |out, at| {
         let (y, g) = (&y[at..at + out.len()], &g[at..at + out.len()]);
         for ((o, &y), &g) in out.iter_mut().zip(y).zip(g) {

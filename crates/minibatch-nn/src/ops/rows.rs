@@ -5,8 +5,8 @@ use std::ops::Range;
 
 use candle_core::{CpuStorage, Device, Layout, Result, Shape, Storage, Tensor};
 
-use super::simd::Float;
-use crate::im2col::run_parts;
+use crate::float::Float;
+use crate::split::run_parts;
 
 /// Below this many elements a kernel runs on the calling thread: handing
 /// work to the thread pool costs more than it saves.

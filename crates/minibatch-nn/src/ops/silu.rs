@@ -15,8 +15,9 @@ use std::mem::MaybeUninit;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 
 use super::elementwise::{cpu_bwd, cpu_fwd, map};
-use super::simd::{simd_dispatch, Float};
+use super::simd::simd_dispatch;
 use crate::dispatch::cpu_kernel;
+use crate::float::Float;
 
 /// The sigmoid-weighted linear unit `x σ(x) = x / (1 + e^{−x})`
 /// elementwise (PyTorch's `torch.nn.functional.silu`, transformers'

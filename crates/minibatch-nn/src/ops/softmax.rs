@@ -12,7 +12,7 @@
 //! reads `x` once and writes `y` once (a row stays in L1 between its passes);
 //! the backward pass reads `y` and `dy` once and writes `dx`. Rows run in
 //! parallel on candle's CPU pool when the tensor is large. `f32`'s exponential is
-//! [a vectorised polynomial](super::simd::exp_f32) within 2 ulp of `expf`,
+//! [a vectorised polynomial](crate::float::exp_f32) within 2 ulp of `expf`,
 //! so outputs equal candle-nn's to within a few ulp rather than bit for bit.
 //! Other devices and dtypes (and the CPU after
 //! [`set_tensor_path(true)`](crate::set_tensor_path)) run the same formula as
@@ -23,8 +23,9 @@ use candle_core::shape::Dim;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 
 use super::rows::{row_blocks, slice, tensor, with_slices};
-use super::simd::{dot, max, simd_dispatch, sum, Float, LANES};
+use super::simd::{dot, max, simd_dispatch, sum_16_pairwise, LANES};
 use crate::dispatch::cpu_kernel;
+use crate::float::Float;
 
 /// Softmax over the last dimension: `softmax(xs, D::Minus1)`, the name and
 /// signature of `candle_nn::ops::softmax_last_dim`, whose CPU op has no
@@ -266,7 +267,7 @@ fn softmax_rows_bwd_body<T: Float>(y: &[T], dy: &[T], dx: &mut [T], n: usize) {
 fn log_softmax_rows_bwd_body<T: Float>(y: &[T], dy: &[T], dx: &mut [T], n: usize) {
     let rows = y.chunks_exact(n).zip(dy.chunks_exact(n));
     for ((y, dy), dx) in rows.zip(dx.chunks_exact_mut(n)) {
-        let s = sum(dy);
+        let s = sum_16_pairwise(dy);
         for ((dx, y), dy) in dx.iter_mut().zip(y).zip(dy) {
             *dx = *dy - y.exp_fast() * s;
         }

@@ -1,7 +1,6 @@
-//! Host kernels shared by the convolution and pooling ops: `im2col` /
-//! `col2im` for one image, per-thread scratch buffers, output buffers that
-//! are written before they are read (no zero-fill), and the split of a batch
-//! over threads.
+//! Unfolding one image into the columns of a convolution (`im2col`) and
+//! folding columns back onto the image (`col2im`), with the geometry
+//! ([`Geom`]) of a 2-D convolution.
 //!
 //! For one image `x` of shape `(C, H, W)` and a `kh x kw` kernel with stride
 //! `s`, padding `p` and dilation `d`, the columns are the `(C·kh·kw, oh·ow)`
@@ -15,74 +14,7 @@
 //! is `col2im(Wᵀ · grad)`, `col2im` adding every column entry back onto the
 //! pixel it was read from.
 
-use std::cell::Cell;
-use std::mem::MaybeUninit;
-
-use candle_core::WithDType;
-
-use crate::gemm::GemmFloat;
-
-/// The float types of the convolution and pooling kernels (`f32`, `f64`).
-pub(crate) trait ConvFloat:
-    WithDType
-    + GemmFloat
-    + PartialOrd
-    + std::ops::Add<Output = Self>
-    + std::ops::AddAssign
-    + std::ops::Mul<Output = Self>
-    + std::ops::Div<Output = Self>
-{
-    fn is_nan(self) -> bool;
-    fn from_usize(n: usize) -> Self;
-    /// Runs `f` with this thread's scratch buffer of at least `len` elements
-    /// (its contents are whatever an earlier call left there). The buffer is
-    /// taken out of the thread-local slot while `f` runs, so a nested call
-    /// gets a fresh one instead of aliasing it.
-    fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R;
-}
-
-thread_local! {
-    static SCRATCH_F32: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
-    static SCRATCH_F64: Cell<Vec<f64>> = const { Cell::new(Vec::new()) };
-}
-
-fn with_slot<T: Copy + Default, R>(
-    slot: &'static std::thread::LocalKey<Cell<Vec<T>>>,
-    len: usize,
-    f: impl FnOnce(&mut [T]) -> R,
-) -> R {
-    let mut buf = slot.with(Cell::take);
-    if buf.len() < len {
-        buf.resize(len, T::default());
-    }
-    let r = f(&mut buf[..len]);
-    slot.with(|c| c.set(buf));
-    r
-}
-
-impl ConvFloat for f32 {
-    fn is_nan(self) -> bool {
-        f32::is_nan(self)
-    }
-    fn from_usize(n: usize) -> Self {
-        n as f32
-    }
-    fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R {
-        with_slot(&SCRATCH_F32, len, f)
-    }
-}
-
-impl ConvFloat for f64 {
-    fn is_nan(self) -> bool {
-        f64::is_nan(self)
-    }
-    fn from_usize(n: usize) -> Self {
-        n as f64
-    }
-    fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R {
-        with_slot(&SCRATCH_F64, len, f)
-    }
-}
+use crate::float::Float;
 
 /// The geometry of a 2-D convolution (or pooling window) over one image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -130,7 +62,7 @@ impl Geom {
 
 /// Fills `cols` (`col_rows() x out_pixels()`, row-major) from the image `x`
 /// (`c·h·w`). Every element of `cols` is written.
-pub(crate) fn im2col<T: ConvFloat>(x: &[T], g: &Geom, cols: &mut [T]) {
+pub(crate) fn im2col<T: Float>(x: &[T], g: &Geom, cols: &mut [T]) {
     let (p, ow) = (g.out_pixels(), g.ow);
     debug_assert_eq!(x.len(), g.c * g.h * g.w);
     debug_assert_eq!(cols.len(), g.col_rows() * p);
@@ -216,7 +148,7 @@ unsafe fn copy_run<T: Copy>(d: *mut T, s: *const T, n: usize) {
 /// # Safety
 /// `s` and `d` must be valid for `n` elements and not overlap.
 #[inline(always)]
-unsafe fn add_run<T: ConvFloat>(d: *mut T, s: *const T, n: usize) {
+unsafe fn add_run<T: Float>(d: *mut T, s: *const T, n: usize) {
     let mut k = 0;
     while k + 8 <= n {
         // SAFETY: k + 8 <= n; unaligned reads and writes of [T; 8].
@@ -257,28 +189,10 @@ fn copy_short<T: Copy>(d: &mut [T], s: &[T]) {
     }
 }
 
-/// `Σ xs` with eight independent partial sums (so the compiler can keep them
-/// in vector registers), combined pairwise at the end.
-#[inline]
-pub(crate) fn sum<T: ConvFloat>(xs: &[T]) -> T {
-    let mut acc = [T::ZERO; 8];
-    let mut it = xs.chunks_exact(8);
-    for c in &mut it {
-        for (a, v) in acc.iter_mut().zip(c) {
-            *a += *v;
-        }
-    }
-    let mut tail = T::ZERO;
-    for v in it.remainder() {
-        tail += *v;
-    }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
-}
-
 /// Adds every entry of `cols` (`col_rows() x out_pixels()`) onto the pixel
 /// of `dx` (`c·h·w`) that [`im2col`] read it from; entries that came from the
 /// padding are dropped.
-pub(crate) fn col2im_add<T: ConvFloat>(cols: &[T], g: &Geom, dx: &mut [T]) {
+pub(crate) fn col2im_add<T: Float>(cols: &[T], g: &Geom, dx: &mut [T]) {
     let (p, ow) = (g.out_pixels(), g.ow);
     debug_assert_eq!(dx.len(), g.c * g.h * g.w);
     debug_assert_eq!(cols.len(), g.col_rows() * p);
@@ -333,106 +247,6 @@ pub(crate) fn col2im_add<T: ConvFloat>(cols: &[T], g: &Geom, dx: &mut [T]) {
             }
         }
     }
-}
-
-/// A buffer of `len` elements that the caller writes completely before
-/// [`assume_init`] turns it into a `Vec<T>`: the kernels' outputs skip the
-/// zero-fill a `vec![0; len]` would spend on memory that is overwritten.
-pub(crate) fn uninit<T: Copy>(len: usize) -> Vec<MaybeUninit<T>> {
-    let mut v = Vec::with_capacity(len);
-    // SAFETY: `MaybeUninit<T>` needs no initialisation.
-    unsafe { v.set_len(len) };
-    v
-}
-
-/// The `Vec<T>` of a buffer from [`uninit`] whose every element the caller
-/// has written.
-///
-/// # Safety
-/// Every element of `v` must have been initialised.
-pub(crate) unsafe fn assume_init<T: Copy>(v: Vec<MaybeUninit<T>>) -> Vec<T> {
-    let mut v = std::mem::ManuallyDrop::new(v);
-    // SAFETY: same allocation, layout and length; the caller initialised every element.
-    unsafe { Vec::from_raw_parts(v.as_mut_ptr() as *mut T, v.len(), v.capacity()) }
-}
-
-/// Writes `value` into every element of `s` and returns it as initialised.
-pub(crate) fn fill_uninit<T: Copy>(s: &mut [MaybeUninit<T>], value: T) -> &mut [T] {
-    for e in s.iter_mut() {
-        e.write(value);
-    }
-    // SAFETY: every element was just written.
-    unsafe { &mut *(s as *mut [MaybeUninit<T>] as *mut [T]) }
-}
-
-/// The threads of candle's CPU pool (its workers and the calling thread).
-fn pool_threads() -> usize {
-    candle_core::utils::barrier_pool().n_workers() + 1
-}
-
-/// How many contiguous parts to split `n` independent items into: one per
-/// thread of candle's CPU pool when the work is worth a hand-off (`work`
-/// multiply-adds or element visits in all), one otherwise.
-pub(crate) fn parts(n: usize, work: usize) -> usize {
-    if n <= 1 || work < 1 << 15 {
-        1
-    } else {
-        pool_threads().min(n)
-    }
-}
-
-thread_local! {
-    /// Whether this thread is running a part of [`run_parts`].
-    static IN_PART: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// `f(i, item)` for every item, the results in order. With more than one
-/// item they run on candle's own CPU thread pool (item `i` on its thread
-/// `i mod threads`), the pool candle's element-wise ops use: its worker
-/// spins a while after each op, so it picks the next job up at once, and the
-/// kernels of this crate do not add threads that compete with it for the
-/// cores.
-pub(crate) fn run_parts<I: Send, R: Send>(
-    items: Vec<I>,
-    f: impl Fn(usize, I) -> R + Sync,
-) -> Vec<R> {
-    let n = items.len();
-    // Nested use (a kernel called from a part of another) would wait on the
-    // pool's call lock that its caller holds: run such parts inline.
-    if n <= 1 || IN_PART.with(|c| c.get()) {
-        return items
-            .into_iter()
-            .enumerate()
-            .map(|(i, it)| f(i, it))
-            .collect();
-    }
-    let slots: Vec<std::sync::Mutex<(Option<I>, Option<R>)>> = items
-        .into_iter()
-        .map(|it| std::sync::Mutex::new((Some(it), None)))
-        .collect();
-    let threads = pool_threads();
-    candle_core::utils::barrier_pool().execute(|tid| {
-        let mut i = tid;
-        while i < n {
-            // Each slot is locked by its one thread only: no contention.
-            let mut slot = slots[i].lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(it) = slot.0.take() {
-                IN_PART.with(|c| c.set(true));
-                slot.1 = Some(f(i, it));
-                IN_PART.with(|c| c.set(false));
-            }
-            i += threads;
-        }
-    });
-    slots
-        .into_iter()
-        .map(|m| {
-            m.into_inner()
-                .unwrap_or_else(|e| e.into_inner())
-                .1
-                .expect("every part ran")
-        })
-        .collect()
 }
 
 #[cfg(test)]
