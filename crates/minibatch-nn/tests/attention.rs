@@ -7,9 +7,10 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use common::{assert_close, both_paths, check_gradients_fd, devices, load_fixture};
+use common::{both_paths, check_gradients_fd, devices, load_fixture};
 use minibatch_nn::ops::scaled_dot_product_attention as sdpa;
 use minibatch_nn::set_tensor_path;
+use minibatch_testkit::{assert_close, Tol};
 
 const FIXTURE: &str = "attention.safetensors";
 
@@ -86,10 +87,25 @@ fn matches_pytorch() {
                         );
                         assert_eq!(o.dtype(), dtype);
                         let want = |k: &str| key(&format!("{mask}.{k}"));
-                        assert_close(&o, &want("o"), rtol, atol, &format!("o {what}"));
-                        assert_close(&dq, &want("dq"), rtol, atol, &format!("dq {what}"));
-                        assert_close(&dk, &want("dk"), rtol, atol, &format!("dk {what}"));
-                        assert_close(&dv, &want("dv"), rtol, atol, &format!("dv {what}"));
+                        assert_close(&o, &want("o"), Tol::new(atol, rtol), &format!("o {what}"));
+                        assert_close(
+                            &dq,
+                            &want("dq"),
+                            Tol::new(atol, rtol),
+                            &format!("dq {what}"),
+                        );
+                        assert_close(
+                            &dk,
+                            &want("dk"),
+                            Tol::new(atol, rtol),
+                            &format!("dk {what}"),
+                        );
+                        assert_close(
+                            &dv,
+                            &want("dv"),
+                            Tol::new(atol, rtol),
+                            &format!("dv {what}"),
+                        );
                     });
                 }
             }
@@ -124,9 +140,9 @@ fn fused_kernel_matches_tensor_path() {
                     both_paths(|_| outs.push(run(&q, &k, &v, &r, causal, scale)));
                     let what = format!("{dtype:?} {:?} causal {causal} scale {scale:?}", shapes[n]);
                     let ((o, g), (o2, g2)) = (&outs[0], &outs[1]);
-                    assert_close(o, o2, rtol, atol, &format!("o {what}"));
+                    assert_close(o, o2, Tol::new(atol, rtol), &format!("o {what}"));
                     for (i, (a, b)) in g.iter().zip(g2).enumerate() {
-                        assert_close(a, b, rtol, atol, &format!("grad {i} {what}"));
+                        assert_close(a, b, Tol::new(atol, rtol), &format!("grad {i} {what}"));
                     }
                 }
             }
@@ -141,7 +157,12 @@ fn fused_kernel_matches_tensor_path() {
     let v = randn(&[2, 3, 6, 5], DType::F64, 102, 1.0);
     let mut outs = Vec::new();
     both_paths(|_| outs.push(sdpa(&q, &k, &v, true, None).unwrap()));
-    assert_close(&outs[0], &outs[1], 1e-12, 1e-13, "contiguous / broadcast");
+    assert_close(
+        &outs[0],
+        &outs[1],
+        Tol::new(1e-13, 1e-12),
+        "contiguous / broadcast",
+    );
 }
 
 #[test]
@@ -160,8 +181,7 @@ fn gradients_match_finite_differences() {
                     (o * &r)?.sum_all()
                 },
                 1e-6,
-                1e-6,
-                1e-8,
+                Tol::new(1e-8, 1e-6),
             );
             set_tensor_path(false);
         }
@@ -179,7 +199,7 @@ fn half_precision_runs_the_tensor_path() {
         [&q, &k, &v].map(|t| Var::from_tensor(&t.to_dtype(DType::BF16).unwrap()).unwrap());
     let got = sdpa(qh.as_tensor(), kh.as_tensor(), vh.as_tensor(), true, None).unwrap();
     assert_eq!(got.dtype(), DType::BF16);
-    assert_close(&got, &want, 3e-2, 3e-2, "bf16");
+    assert_close(&got, &want, Tol::new(3e-2, 3e-2), "bf16");
     let g = got.sum_all().unwrap().backward().unwrap();
     for x in [&qh, &kh, &vh] {
         assert!(g.get(x.as_tensor()).is_some());

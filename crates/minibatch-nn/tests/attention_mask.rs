@@ -7,25 +7,49 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use common::{assert_close, both_paths, check_gradients_fd, load_fixture};
+use common::{both_paths, check_gradients_fd, load_fixture};
 use minibatch_nn::ops::scaled_dot_product_attention_masked as sdpa;
 use minibatch_nn::set_tensor_path;
+use minibatch_testkit::{assert_close, Tol};
 
 /// Uniform draws in `[-1.5, 1.5)`, seeded.
 fn randn(shape: &[usize], dtype: DType, seed: u64) -> Tensor {
     use rand::{Rng, SeedableRng};
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let n = shape.iter().product();
-    let v: Vec<f64> = (0..n).map(|_| (rng.random::<f64>() * 2.0 - 1.0) * 1.5).collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+    let v: Vec<f64> = (0..n)
+        .map(|_| (rng.random::<f64>() * 2.0 - 1.0) * 1.5)
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
 }
 
 /// The output and the gradients of `sum(o ⊙ r)` for `q`, `k`, `v`.
-fn run(q: &Tensor, k: &Tensor, v: &Tensor, r: &Tensor, mask: Option<&Tensor>, causal: bool) -> (Tensor, [Tensor; 3]) {
+fn run(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    r: &Tensor,
+    mask: Option<&Tensor>,
+    causal: bool,
+) -> (Tensor, [Tensor; 3]) {
     let vars = [q, k, v].map(|t| Var::from_tensor(t).unwrap());
-    let o = sdpa(vars[0].as_tensor(), vars[1].as_tensor(), vars[2].as_tensor(), mask, causal, None).unwrap();
+    let o = sdpa(
+        vars[0].as_tensor(),
+        vars[1].as_tensor(),
+        vars[2].as_tensor(),
+        mask,
+        causal,
+        None,
+    )
+    .unwrap();
     let g = (&o * r).unwrap().sum_all().unwrap().backward().unwrap();
-    (o, vars.map(|v| g.get(v.as_tensor()).expect("no gradient").clone()))
+    (
+        o,
+        vars.map(|v| g.get(v.as_tensor()).expect("no gradient").clone()),
+    )
 }
 
 #[test]
@@ -44,12 +68,13 @@ fn matches_pytorch() {
             for (kind, m) in masks {
                 both_paths(|forced| {
                     let what = format!("{case} {kind} {tag} tensor path {forced}");
-                    let (o, [dq, dk, dv]) = run(&key("q"), &key("k"), &key("v"), &key("r"), Some(&m), causal);
+                    let (o, [dq, dk, dv]) =
+                        run(&key("q"), &key("k"), &key("v"), &key("r"), Some(&m), causal);
                     assert_eq!(o.dtype(), dtype);
-                    assert_close(&o, &key("o"), tol, tol, &format!("o {what}"));
-                    assert_close(&dq, &key("dq"), tol, tol, &format!("dq {what}"));
-                    assert_close(&dk, &key("dk"), tol, tol, &format!("dk {what}"));
-                    assert_close(&dv, &key("dv"), tol, tol, &format!("dv {what}"));
+                    assert_close(&o, &key("o"), Tol::new(tol, tol), &format!("o {what}"));
+                    assert_close(&dq, &key("dq"), Tol::new(tol, tol), &format!("dq {what}"));
+                    assert_close(&dk, &key("dk"), Tol::new(tol, tol), &format!("dk {what}"));
+                    assert_close(&dv, &key("dv"), Tol::new(tol, tol), &format!("dv {what}"));
                 });
             }
         }
@@ -61,13 +86,21 @@ fn matches_pytorch() {
 #[test]
 fn fused_kernel_matches_tensor_path() {
     // (b, h, hk, tq, tk, d)
-    for (n, &(b, h, hk, tq, tk, d)) in [(4, 8, 2, 16, 16, 16), (2, 3, 1, 5, 9, 4), (3, 4, 4, 7, 7, 8)]
-        .iter()
-        .enumerate()
+    for (n, &(b, h, hk, tq, tk, d)) in [
+        (4, 8, 2, 16, 16, 16),
+        (2, 3, 1, 5, 9, 4),
+        (3, 4, 4, 7, 7, 8),
+    ]
+    .iter()
+    .enumerate()
     {
         let s = 10 * n as u64;
-        let q = randn(&[b, tq, h, d], DType::F64, s).transpose(1, 2).unwrap();
-        let k = randn(&[b, tk, hk, d], DType::F64, s + 1).transpose(1, 2).unwrap();
+        let q = randn(&[b, tq, h, d], DType::F64, s)
+            .transpose(1, 2)
+            .unwrap();
+        let k = randn(&[b, tk, hk, d], DType::F64, s + 1)
+            .transpose(1, 2)
+            .unwrap();
         let v = randn(&[b, hk, tk, d + 1], DType::F64, s + 2);
         let r = randn(&[b, h, tq, d + 1], DType::F64, s + 3);
         // Padding (the last row of the batch sees no key), a dense per-head
@@ -80,16 +113,18 @@ fn fused_kernel_matches_tensor_path() {
             pad[(b - 1) * tk + j] = f64::NEG_INFINITY;
         }
         let pad = Tensor::from_vec(pad, (b, 1, 1, tk), &Device::Cpu).unwrap();
-        let dense = randn(&[b, h, tk, tq], DType::F64, s + 4).transpose(2, 3).unwrap();
+        let dense = randn(&[b, h, tk, tq], DType::F64, s + 4)
+            .transpose(2, 3)
+            .unwrap();
         for (kind, mask) in [("pad", &pad), ("dense", &dense)] {
             for causal in [false, true] {
                 let mut outs = Vec::new();
                 both_paths(|_| outs.push(run(&q, &k, &v, &r, Some(mask), causal)));
                 let ((o, g), (o2, g2)) = (&outs[0], &outs[1]);
                 let what = format!("case {n} {kind} causal {causal}");
-                assert_close(o, o2, 1e-11, 1e-12, &format!("o {what}"));
+                assert_close(o, o2, Tol::new(1e-12, 1e-11), &format!("o {what}"));
                 for (i, (a, b)) in g.iter().zip(g2).enumerate() {
-                    assert_close(a, b, 1e-11, 1e-12, &format!("grad {i} {what}"));
+                    assert_close(a, b, Tol::new(1e-12, 1e-11), &format!("grad {i} {what}"));
                 }
                 if kind == "pad" {
                     // The fully masked row: zero output, zero gradients.
@@ -115,8 +150,7 @@ fn gradients_match_finite_differences() {
                 &[q.clone(), k.clone(), v.clone()],
                 |x| (sdpa(&x[0], &x[1], &x[2], Some(&mask), causal, None)? * &r)?.sum_all(),
                 1e-6,
-                1e-6,
-                1e-8,
+                Tol::new(1e-8, 1e-6),
             );
             set_tensor_path(false);
         }

@@ -6,8 +6,9 @@ mod common;
 
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{Conv2dConfig, VarBuilder, VarMap};
-use common::{assert_close, check_gradients_fd, devices, load_fixture};
+use common::{check_gradients_fd, devices, load_fixture};
 use minibatch_nn::{conv2d, conv2d_no_bias, set_tensor_path, Conv2d};
+use minibatch_testkit::{assert_close, Tol};
 
 const CASES: [&str; 8] = [
     "basic",
@@ -61,7 +62,7 @@ fn outputs_and_gradients_match_pytorch() {
                         cfg_of(get("cfg")),
                     );
                     let y = conv.forward(x.as_tensor()).unwrap();
-                    assert_close(&y, get("y"), rtol, atol, &format!("{what}: y"));
+                    assert_close(&y, get("y"), Tol::new(atol, rtol), &format!("{what}: y"));
                     let grads = (&y * get("r"))
                         .unwrap()
                         .sum_all()
@@ -69,12 +70,12 @@ fn outputs_and_gradients_match_pytorch() {
                         .backward()
                         .unwrap();
                     let dx = grads.get(x.as_tensor()).expect("dx");
-                    assert_close(dx, get("dx"), rtol, atol, &format!("{what}: dx"));
+                    assert_close(dx, get("dx"), Tol::new(atol, rtol), &format!("{what}: dx"));
                     let dw = grads.get(w.as_tensor()).expect("dw");
-                    assert_close(dw, get("dw"), rtol, atol, &format!("{what}: dw"));
+                    assert_close(dw, get("dw"), Tol::new(atol, rtol), &format!("{what}: dw"));
                     if let Some(b) = &b {
                         let db = grads.get(b.as_tensor()).expect("db");
-                        assert_close(db, get("db"), rtol, atol, &format!("{what}: db"));
+                        assert_close(db, get("db"), Tol::new(atol, rtol), &format!("{what}: db"));
                     }
                 }
             }
@@ -116,8 +117,7 @@ fn forward_matches_candle_nn_conv2d() {
         assert_close(
             &ours,
             &theirs,
-            1e-5,
-            5e-5,
+            Tol::new(5e-5, 1e-5),
             &format!("{xs:?} {ws:?} {cfg:?}"),
         );
     }
@@ -148,10 +148,10 @@ fn threaded_batch_matches_the_tensor_path() {
         (y, pick(&x), pick(&w), pick(&b))
     };
     let (a, b_) = (run(false), run(true));
-    assert_close(&a.0, &b_.0, 1e-12, 1e-12, "y");
-    assert_close(&a.1, &b_.1, 1e-12, 1e-12, "dx");
-    assert_close(&a.2, &b_.2, 1e-12, 1e-12, "dw");
-    assert_close(&a.3, &b_.3, 1e-12, 1e-12, "db");
+    assert_close(&a.0, &b_.0, Tol::new(1e-12, 1e-12), "y");
+    assert_close(&a.1, &b_.1, Tol::new(1e-12, 1e-12), "dx");
+    assert_close(&a.2, &b_.2, Tol::new(1e-12, 1e-12), "dw");
+    assert_close(&a.3, &b_.3, Tol::new(1e-12, 1e-12), "db");
     // The same inputs give the same bits every run.
     let again = run(false);
     for (p, q) in [
@@ -194,8 +194,7 @@ fn gradients_match_finite_differences() {
                     (y.sqr()? * 0.5)?.sum_all()
                 },
                 1e-5,
-                1e-6,
-                1e-7,
+                Tol::new(1e-7, 1e-6),
             );
             set_tensor_path(false);
         }
@@ -282,8 +281,7 @@ fn varbuilder_names_and_shapes_match_candle_nn() {
     assert_close(
         &c_ours.forward(&x).unwrap(),
         &c.forward(&x).unwrap(),
-        1e-5,
-        1e-6,
+        Tol::new(1e-6, 1e-5),
         "forward with candle-nn's weights",
     );
 }

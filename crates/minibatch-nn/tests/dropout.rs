@@ -5,8 +5,9 @@ mod common;
 use common::to_f64_vec;
 
 use candle_core::{DType, Device, ModuleT, Tensor, Var};
-use common::{assert_close, check_gradients_fd, devices};
+use common::{check_gradients_fd, devices};
 use minibatch_nn::{set_rng_step, set_tensor_path, Dropout};
+use minibatch_testkit::{assert_close, Tol};
 
 /// The kept positions of a dropout of ones.
 fn mask_of(d: &Dropout, n: usize, dev: &Device, dtype: DType) -> Vec<bool> {
@@ -216,8 +217,7 @@ fn gradients_match_finite_differences() {
                 d.forward(&a[0].tanh()?, true)?.sqr()?.sum_all()
             },
             1e-5,
-            1e-6,
-            1e-8,
+            Tol::new(1e-8, 1e-6),
         );
     }
     set_tensor_path(false);
@@ -227,7 +227,7 @@ fn gradients_match_finite_differences() {
 fn evaluation_is_identity_and_bad_p_is_an_error() {
     let x = common::randn(0f32, 1.0, (3, 3), &Device::Cpu).unwrap();
     let d = Dropout::new(0.5);
-    assert_close(&d.forward_t(&x, false).unwrap(), &x, 0.0, 0.0, "eval");
+    assert_close(&d.forward_t(&x, false).unwrap(), &x, Tol::exact(), "eval");
     for p in [1.0f32, -0.1, f32::NAN] {
         let e = Dropout::new(p).forward(&x, true).unwrap_err().to_string();
         assert!(e.contains("[0, 1)"), "{e}");

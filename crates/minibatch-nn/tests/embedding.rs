@@ -6,8 +6,9 @@ mod common;
 
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use common::{assert_close, both_paths, check_gradients_fd, devices, load_fixture};
+use common::{both_paths, check_gradients_fd, devices, load_fixture};
 use minibatch_nn::{embedding, Embedding};
+use minibatch_testkit::{assert_close, Tol};
 
 #[test]
 fn matches_pytorch() {
@@ -23,7 +24,7 @@ fn matches_pytorch() {
                     let ids = key("ids").to_dtype(id_dtype).unwrap();
                     let y = emb.forward(&ids).unwrap();
                     // A lookup is a copy: exact.
-                    assert_close(&y, &key("y"), 0.0, 0.0, &format!("y {what}"));
+                    assert_close(&y, &key("y"), Tol::exact(), &format!("y {what}"));
                     let g = (y * key("r"))
                         .unwrap()
                         .sum_all()
@@ -31,7 +32,12 @@ fn matches_pytorch() {
                         .backward()
                         .unwrap();
                     let dt = g.get(table.as_tensor()).unwrap();
-                    assert_close(dt, &key("dtable"), 1e-6, 1e-6, &format!("dtable {what}"));
+                    assert_close(
+                        dt,
+                        &key("dtable"),
+                        Tol::new(1e-6, 1e-6),
+                        &format!("dtable {what}"),
+                    );
                 });
             }
         }
@@ -73,10 +79,10 @@ fn equals_candle_nn() {
             both_paths(|forced| {
                 let what = format!("ids {:?} {dtype:?} tensor path {forced}", ids.dims());
                 let ya = ours.forward(ids).unwrap();
-                assert_close(&ya, &yb, 0.0, 0.0, &what);
+                assert_close(&ya, &yb, Tol::exact(), &what);
                 let ga = (&ya * &r).unwrap().sum_all().unwrap().backward().unwrap();
                 match (ga.get(table.as_tensor()), gb.get(table.as_tensor())) {
-                    (Some(a), Some(b)) => assert_close(a, b, 1e-12, 1e-6, &what),
+                    (Some(a), Some(b)) => assert_close(a, b, Tol::new(1e-6, 1e-12), &what),
                     (a, b) => {
                         // An empty lookup: a zero gradient or none, as candle's.
                         for g in [a, b].into_iter().flatten() {
@@ -113,8 +119,7 @@ fn gradients_match_finite_differences() {
                 (y.tanh()? * &r)?.sum_all()
             },
             1e-5,
-            1e-6,
-            1e-8,
+            Tol::new(1e-8, 1e-6),
         );
     });
 }
@@ -146,8 +151,7 @@ fn varbuilder_name_and_init() {
     assert_close(
         &emb.forward(&ids).unwrap(),
         &c.forward(&ids).unwrap(),
-        0.0,
-        0.0,
+        Tol::exact(),
         "same table",
     );
 }

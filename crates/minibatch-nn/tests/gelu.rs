@@ -7,9 +7,10 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use common::{assert_close, check_gradients_fd, devices, load_fixture};
+use common::{check_gradients_fd, devices, load_fixture};
 use minibatch_nn::ops::{gelu, gelu_erf};
 use minibatch_nn::set_tensor_path;
+use minibatch_testkit::{assert_close, Tol};
 
 type Op = fn(&Tensor) -> candle_core::Result<Tensor>;
 const OPS: [(&str, Op); 2] = [("tanh", gelu), ("erf", gelu_erf)];
@@ -46,9 +47,9 @@ fn matches_pytorch() {
                         _ => unreachable!(),
                     };
                     let what = format!("{p} {name} {dev:?} tensor path {tp}");
-                    assert_close(&y, &f(&format!("{name}.y")), ytol, ytol, &what);
+                    assert_close(&y, &f(&format!("{name}.y")), Tol::new(ytol, ytol), &what);
                     let want = f(&format!("{name}.dx"));
-                    assert_close(&dx, &want, gtol, gtol, &format!("{what}: dx"));
+                    assert_close(&dx, &want, Tol::new(gtol, gtol), &format!("{what}: dx"));
                 }
             }
         }
@@ -90,8 +91,8 @@ fn matches_candle_and_the_tensor_path() {
             } else {
                 0.0
             };
-            assert_close(&a.0, &b.0, tol, tol, &format!("{what}: y"));
-            assert_close(&a.1, &b.1, 1e-5, 1e-5, &format!("{what}: dx"));
+            assert_close(&a.0, &b.0, Tol::new(tol, tol), &format!("{what}: y"));
+            assert_close(&a.1, &b.1, Tol::new(1e-5, 1e-5), &format!("{what}: dx"));
             let xt = x.transpose(1, 2).unwrap();
             let theirs = match name {
                 "tanh" => xt.gelu().unwrap(),
@@ -100,8 +101,7 @@ fn matches_candle_and_the_tensor_path() {
             assert_close(
                 &a.0,
                 &theirs,
-                tol,
-                tol,
+                Tol::new(tol, tol),
                 &format!("{what}: candle's forward"),
             );
         }
@@ -123,8 +123,7 @@ fn gradient_matches_finite_differences() {
                 std::slice::from_ref(&x),
                 |t| op(&t[0])?.sqr()?.sum_all(),
                 1e-6,
-                rtol,
-                atol,
+                Tol::new(atol, rtol),
             );
             set_tensor_path(false);
         }
@@ -160,15 +159,13 @@ fn other_dtypes_use_candle() {
     assert_close(
         &gelu(&x).unwrap(),
         &x.gelu().unwrap(),
-        0.0,
-        0.0,
+        Tol::exact(),
         "bf16 gelu",
     );
     assert_close(
         &gelu_erf(&x).unwrap(),
         &x.gelu_erf().unwrap(),
-        0.0,
-        0.0,
+        Tol::exact(),
         "bf16 gelu_erf",
     );
 }

@@ -6,47 +6,14 @@ mod common;
 
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use common::{assert_close, both_paths, check_gradients_fd, devices, load_fixture};
+use common::{both_paths, check_gradients_fd, devices, load_fixture};
 use minibatch_nn::{linear, linear_b, linear_no_bias, Linear};
+use minibatch_testkit::{assert_close, Tol};
 
 fn tol(dtype: DType) -> (f64, f64) {
     match dtype {
         DType::F32 => (1e-5, 1e-5),
         _ => (1e-12, 1e-12),
-    }
-}
-
-fn max_abs(t: &Tensor) -> f64 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
-
-fn bits_equal(a: &Tensor, b: &Tensor, what: &str) {
-    assert_eq!(a.dims(), b.dims(), "{what}: shapes");
-    let (a, b) = (
-        a.to_dtype(DType::F64)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap(),
-        b.to_dtype(DType::F64)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap(),
-    );
-    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-        assert_eq!(x.to_bits(), y.to_bits(), "{what}: element {i}: {x} vs {y}");
     }
 }
 
@@ -69,7 +36,7 @@ fn matches_pytorch() {
                     );
                     let y = layer.forward(x.as_tensor()).unwrap();
                     let at = |k: &str| key(&format!("{case}.{k}"));
-                    assert_close(&y, &at("y"), rtol, atol, &format!("y {what}"));
+                    assert_close(&y, &at("y"), Tol::new(atol, rtol), &format!("y {what}"));
                     let g = (y * at("r"))
                         .unwrap()
                         .sum_all()
@@ -79,23 +46,20 @@ fn matches_pytorch() {
                     assert_close(
                         g.get(x.as_tensor()).unwrap(),
                         &at("dx"),
-                        rtol,
-                        atol,
+                        Tol::new(atol, rtol),
                         &format!("dx {what}"),
                     );
                     assert_close(
                         g.get(w.as_tensor()).unwrap(),
                         &at("dw"),
-                        rtol,
-                        atol,
+                        Tol::new(atol, rtol),
                         &format!("dw {what}"),
                     );
                     if with_bias {
                         assert_close(
                             g.get(b.as_tensor()).unwrap(),
                             &at("db"),
-                            rtol,
-                            atol,
+                            Tol::new(atol, rtol),
                             &format!("db {what}"),
                         );
                     } else {
@@ -146,9 +110,14 @@ fn equals_candle_nn() {
                 both_paths(|forced| {
                     let what = format!("{dims:?} {dtype:?} bias {bias} tensor path {forced}");
                     let h = ours[0].forward(x.as_tensor()).unwrap();
-                    bits_equal(&h, &theirs[0].forward(x.as_tensor()).unwrap(), &what);
+                    assert_close(
+                        &h,
+                        &theirs[0].forward(x.as_tensor()).unwrap(),
+                        Tol::bits(),
+                        &what,
+                    );
                     let ya = ours[1].forward(&h.relu().unwrap()).unwrap();
-                    bits_equal(&ya, &yb, &what);
+                    assert_close(&ya, &yb, Tol::bits(), &what);
                     let ga = ya.sqr().unwrap().sum_all().unwrap().backward().unwrap();
                     let (rtol, _) = tol(dtype);
                     let mut vars = vec![&x, &w1, &w2];
@@ -160,8 +129,9 @@ fn equals_candle_nn() {
                             ga.get(v.as_tensor()).unwrap(),
                             gb.get(v.as_tensor()).unwrap(),
                         );
-                        let scale = max_abs(b).max(1.0);
-                        assert_close(a, b, 0.0, rtol * scale, &format!("gradient, {what}"));
+                        // Relative to the largest gradient entry (at least 1).
+                        let tol = Tol::rel_to_max(rtol).floor(1.0);
+                        assert_close(a, b, tol, &format!("gradient, {what}"));
                     }
                 });
             }
@@ -183,7 +153,12 @@ fn strided_inputs() {
     let x3t = x3.as_tensor().transpose(1, 2).unwrap();
     for (input, var) in [(&xt, &x), (&x3t, &x3)] {
         let y = layer.forward(input).unwrap();
-        bits_equal(&y, &cn.forward(input).unwrap(), "strided forward");
+        assert_close(
+            &y,
+            &cn.forward(input).unwrap(),
+            Tol::bits(),
+            "strided forward",
+        );
         let ga = y.sum_all().unwrap().backward().unwrap();
         let gb = cn
             .forward(input)
@@ -196,8 +171,7 @@ fn strided_inputs() {
             assert_close(
                 ga.get(v.as_tensor()).unwrap(),
                 gb.get(v.as_tensor()).unwrap(),
-                1e-12,
-                1e-12,
+                Tol::new(1e-12, 1e-12),
                 "strided gradient",
             );
         }
@@ -219,8 +193,7 @@ fn gradients_match_finite_differences() {
                 (y.tanh()? * &r)?.sum_all()
             },
             1e-5,
-            1e-6,
-            1e-8,
+            Tol::new(1e-8, 1e-6),
         );
         check_gradients_fd(
             &[x.flatten_to(1).unwrap(), w.clone()],
@@ -229,8 +202,7 @@ fn gradients_match_finite_differences() {
                 y.sqr()?.sum_all()
             },
             1e-5,
-            1e-6,
-            1e-8,
+            Tol::new(1e-8, 1e-6),
         );
     });
 }
@@ -290,7 +262,7 @@ fn varbuilder_names_and_init() {
     drop(data);
     let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
     let c = candle_nn::linear(400, 300, vb.pp("fc")).unwrap();
-    bits_equal(c.weight(), l.weight(), "shared weight");
+    assert_close(c.weight(), l.weight(), Tol::bits(), "shared weight");
 }
 
 /// Shapes or dtypes that do not fit are errors, not panics.

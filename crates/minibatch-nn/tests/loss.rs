@@ -5,8 +5,9 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use common::{assert_close, both_paths, check_gradients_fd, devices, load_fixture};
+use common::{both_paths, check_gradients_fd, devices, load_fixture};
 use minibatch_nn::loss::{cross_entropy, mse, nll};
+use minibatch_testkit::{assert_close, Tol};
 
 fn tol(dtype: DType) -> (f64, f64) {
     match dtype {
@@ -32,10 +33,20 @@ fn cross_entropy_matches_pytorch() {
                         let loss = cross_entropy(x.as_tensor(), &target).unwrap();
                         assert_eq!(loss.dtype(), dtype);
                         assert_eq!(loss.dims(), &[] as &[usize]);
-                        assert_close(&loss, &key("loss"), rtol, atol, &format!("loss {what}"));
+                        assert_close(
+                            &loss,
+                            &key("loss"),
+                            Tol::new(atol, rtol),
+                            &format!("loss {what}"),
+                        );
                         let g = loss.backward().unwrap();
                         let dx = g.get(x.as_tensor()).expect("no gradient");
-                        assert_close(dx, &key("dlogits"), rtol, atol, &format!("dlogits {what}"));
+                        assert_close(
+                            dx,
+                            &key("dlogits"),
+                            Tol::new(atol, rtol),
+                            &format!("dlogits {what}"),
+                        );
                     });
                 }
             }
@@ -54,33 +65,30 @@ fn nll_and_mse_match_pytorch() {
             for id_dtype in [DType::I64, DType::U32] {
                 let target = key("nll.target").to_dtype(id_dtype).unwrap();
                 let loss = nll(logp.as_tensor(), &target).unwrap();
-                assert_close(&loss, &key("nll.loss"), rtol, atol, "nll");
+                assert_close(&loss, &key("nll.loss"), Tol::new(atol, rtol), "nll");
                 let g = loss.backward().unwrap();
                 assert_close(
                     g.get(logp.as_tensor()).unwrap(),
                     &key("nll.dlogp"),
-                    rtol,
-                    atol,
+                    Tol::new(atol, rtol),
                     "dlogp",
                 );
             }
             let a = Var::from_tensor(&key("mse.a")).unwrap();
             let b = Var::from_tensor(&key("mse.b")).unwrap();
             let loss = mse(a.as_tensor(), b.as_tensor()).unwrap();
-            assert_close(&loss, &key("mse.loss"), rtol, atol, "mse");
+            assert_close(&loss, &key("mse.loss"), Tol::new(atol, rtol), "mse");
             let g = loss.backward().unwrap();
             assert_close(
                 g.get(a.as_tensor()).unwrap(),
                 &key("mse.da"),
-                rtol,
-                atol,
+                Tol::new(atol, rtol),
                 "mse da",
             );
             assert_close(
                 g.get(b.as_tensor()).unwrap(),
                 &key("mse.db"),
-                rtol,
-                atol,
+                Tol::new(atol, rtol),
                 "mse db",
             );
         }
@@ -127,7 +135,12 @@ fn cross_entropy_equals_candle_nn() {
                 );
                 let gg = got.backward().unwrap();
                 let (rtol, atol) = tol(dtype);
-                assert_close(gg.get(x.as_tensor()).unwrap(), gw, rtol, atol, &what);
+                assert_close(
+                    gg.get(x.as_tensor()).unwrap(),
+                    gw,
+                    Tol::new(atol, rtol),
+                    &what,
+                );
             });
         }
     }
@@ -142,14 +155,18 @@ fn cross_entropy_strided_input() {
     both_paths(|forced| {
         let a = cross_entropy(&x.as_tensor().t().unwrap(), &t).unwrap();
         let b = cross_entropy(&x.as_tensor().t().unwrap().contiguous().unwrap(), &t).unwrap();
-        assert_close(&a, &b, 0.0, 0.0, &format!("strided, tensor path {forced}"));
+        assert_close(
+            &a,
+            &b,
+            Tol::exact(),
+            &format!("strided, tensor path {forced}"),
+        );
         let ga = a.backward().unwrap();
         let gb = b.backward().unwrap();
         assert_close(
             ga.get(x.as_tensor()).unwrap(),
             gb.get(x.as_tensor()).unwrap(),
-            1e-15,
-            0.0,
+            Tol::rel(1e-15),
             "strided gradient",
         );
     });
@@ -167,8 +184,7 @@ fn gradients_match_finite_differences() {
             std::slice::from_ref(&x),
             |a| cross_entropy(&a[0], &t)? * 2.5,
             1e-5,
-            1e-6,
-            1e-8,
+            Tol::new(1e-8, 1e-6),
         );
     });
     let logp = candle_nn::ops::log_softmax(&x, 1).unwrap();
@@ -176,11 +192,10 @@ fn gradients_match_finite_differences() {
         std::slice::from_ref(&logp),
         |a| nll(&a[0], &t)? * -0.5,
         1e-5,
-        1e-6,
-        1e-8,
+        Tol::new(1e-8, 1e-6),
     );
     let y = common::randn(0f64, 1.0, (4, 6), &dev).unwrap();
-    check_gradients_fd(&[x, y], |a| mse(&a[0], &a[1]), 1e-5, 1e-6, 1e-8);
+    check_gradients_fd(&[x, y], |a| mse(&a[0], &a[1]), 1e-5, Tol::new(1e-8, 1e-6));
 }
 
 /// The same maths as the composition `log_softmax -> nll` in candle ops
@@ -194,13 +209,12 @@ fn cross_entropy_is_log_softmax_then_nll() {
     let gc = composed.backward().unwrap();
     both_paths(|forced| {
         let fused = cross_entropy(x.as_tensor(), &t).unwrap();
-        assert_close(&fused, &composed, 1e-15, 0.0, "loss");
+        assert_close(&fused, &composed, Tol::rel(1e-15), "loss");
         let gf = fused.backward().unwrap();
         assert_close(
             gf.get(x.as_tensor()).unwrap(),
             gc.get(x.as_tensor()).unwrap(),
-            1e-12,
-            1e-15,
+            Tol::new(1e-15, 1e-12),
             &format!("gradient, tensor path {forced}"),
         );
     });

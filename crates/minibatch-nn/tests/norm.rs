@@ -10,8 +10,9 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use common::{assert_close, both_paths, check_gradients_fd, devices, load_fixture};
+use common::{both_paths, check_gradients_fd, devices, load_fixture};
 use minibatch_nn::{ops, set_tensor_path, LayerNorm, LayerNormConfig, RmsNorm};
+use minibatch_testkit::{assert_close, Tol};
 
 const FIXTURE: &str = "norm_softmax_rope.safetensors";
 
@@ -69,27 +70,29 @@ fn layer_norm_and_rms_norm_match_pytorch() {
                         } else {
                             ops::layer_norm(xt, wt, bt, 1e-5).unwrap()
                         };
-                        assert_close(&y, &ln("y"), rtol, atol, &format!("layer_norm y {what}"));
+                        assert_close(
+                            &y,
+                            &ln("y"),
+                            Tol::new(atol, rtol),
+                            &format!("layer_norm y {what}"),
+                        );
                         let g = weighted_sum(&y, &ln("r")).backward().unwrap();
                         assert_close(
                             &grad(&g, &x, &what),
                             &ln("dx"),
-                            rtol,
-                            atol,
+                            Tol::new(atol, rtol),
                             &format!("layer_norm dx {what}"),
                         );
                         assert_close(
                             &grad(&g, &w, &what),
                             &ln("dw"),
-                            rtol,
-                            atol,
+                            Tol::new(atol, rtol),
                             &format!("layer_norm dw {what}"),
                         );
                         assert_close(
                             &grad(&g, &b, &what),
                             &ln("db"),
-                            rtol,
-                            atol,
+                            Tol::new(atol, rtol),
                             &format!("layer_norm db {what}"),
                         );
 
@@ -102,20 +105,23 @@ fn layer_norm_and_rms_norm_match_pytorch() {
                         } else {
                             ops::rms_norm(x.as_tensor(), w.as_tensor(), 1e-6).unwrap()
                         };
-                        assert_close(&y, &rms("y"), rtol, atol, &format!("rms_norm y {what}"));
+                        assert_close(
+                            &y,
+                            &rms("y"),
+                            Tol::new(atol, rtol),
+                            &format!("rms_norm y {what}"),
+                        );
                         let g = weighted_sum(&y, &rms("r")).backward().unwrap();
                         assert_close(
                             &grad(&g, &x, &what),
                             &rms("dx"),
-                            rtol,
-                            atol,
+                            Tol::new(atol, rtol),
                             &format!("rms_norm dx {what}"),
                         );
                         assert_close(
                             &grad(&g, &w, &what),
                             &rms("dw"),
-                            rtol,
-                            atol,
+                            Tol::new(atol, rtol),
                             &format!("rms_norm dw {what}"),
                         );
                     }
@@ -136,10 +142,10 @@ fn forward_matches_candle_nn() {
     let b = randn(&[77], DType::F32, 3, 0.5, 0.0);
     let ours = ops::layer_norm(&x, &w, &b, 1e-5).unwrap();
     let theirs = candle_nn::ops::layer_norm(&x, &w, &b, 1e-5).unwrap();
-    assert_close(&ours, &theirs, 1e-5, 1e-5, "ops::layer_norm f32");
+    assert_close(&ours, &theirs, Tol::new(1e-5, 1e-5), "ops::layer_norm f32");
     let ours = ops::rms_norm(&x, &w, 1e-5).unwrap();
     let theirs = candle_nn::ops::rms_norm(&x, &w, 1e-5).unwrap();
-    assert_close(&ours, &theirs, 1e-5, 1e-6, "ops::rms_norm f32");
+    assert_close(&ours, &theirs, Tol::new(1e-6, 1e-5), "ops::rms_norm f32");
     // Every LayerNorm configuration, f32 and f64, against candle-nn's layer
     // (its fused op where it takes it, its formula otherwise).
     for dtype in [DType::F32, DType::F64] {
@@ -177,11 +183,16 @@ fn forward_matches_candle_nn() {
             } else {
                 theirs.forward(&x).unwrap()
             };
-            assert_close(&ours.forward(&x).unwrap(), &yb, rtol, atol, &what);
+            assert_close(&ours.forward(&x).unwrap(), &yb, Tol::new(atol, rtol), &what);
         }
         let ours = RmsNorm::new(w.clone(), 1e-6).forward(&x).unwrap();
         let theirs = candle_nn::ops::rms_norm_slow(&x, &w, 1e-6).unwrap();
-        assert_close(&ours, &theirs, rtol, atol, &format!("RmsNorm {dtype:?}"));
+        assert_close(
+            &ours,
+            &theirs,
+            Tol::new(atol, rtol),
+            &format!("RmsNorm {dtype:?}"),
+        );
     }
 }
 
@@ -205,7 +216,7 @@ fn half_precision_falls_back_to_candle_ops() {
         ];
         for (ours, theirs) in pairs {
             assert_eq!(ours.dtype(), dtype);
-            assert_close(&ours, &theirs, 0.0, 0.0, &format!("{dtype:?}"));
+            assert_close(&ours, &theirs, Tol::exact(), &format!("{dtype:?}"));
         }
         let v = Var::from_tensor(&x).unwrap();
         let g = ops::layer_norm(v.as_tensor(), &w, &b, 1e-5)
@@ -246,7 +257,12 @@ fn gradients_match_composed_formula_and_finite_differences() {
     .backward()
     .unwrap();
     for (v, name) in [(&xv, "x"), (&wv, "w"), (&bv, "b")] {
-        assert_close(&grad(&ga, v, name), &grad(&gb, v, name), 1e-11, 1e-12, name);
+        assert_close(
+            &grad(&ga, v, name),
+            &grad(&gb, v, name),
+            Tol::new(1e-12, 1e-11),
+            name,
+        );
     }
     let ga = weighted_sum(&ops::rms_norm(xt, wt, 1e-5).unwrap(), &r)
         .backward()
@@ -255,22 +271,25 @@ fn gradients_match_composed_formula_and_finite_differences() {
         .backward()
         .unwrap();
     for (v, name) in [(&xv, "rms x"), (&wv, "rms w")] {
-        assert_close(&grad(&ga, v, name), &grad(&gb, v, name), 1e-11, 1e-12, name);
+        assert_close(
+            &grad(&ga, v, name),
+            &grad(&gb, v, name),
+            Tol::new(1e-12, 1e-11),
+            name,
+        );
     }
     both_paths(|_| {
         check_gradients_fd(
             &[x.clone(), w.clone(), b.clone()],
             |ts| weighted_sum(&ops::layer_norm(&ts[0], &ts[1], &ts[2], 1e-5)?, &r).sum_all(),
             1e-6,
-            1e-6,
-            1e-8,
+            Tol::new(1e-8, 1e-6),
         );
         check_gradients_fd(
             &[x.clone(), w.clone()],
             |ts| weighted_sum(&ops::rms_norm(&ts[0], &ts[1], 1e-5)?, &r).sum_all(),
             1e-6,
-            1e-6,
-            1e-8,
+            Tol::new(1e-8, 1e-6),
         );
         // The layers' other configurations: no bias, RMS with a bias.
         for (remove_mean, with_bias) in [(true, false), (false, true)] {
@@ -297,8 +316,7 @@ fn gradients_match_composed_formula_and_finite_differences() {
                     weighted_sum(&layer.forward(&ts[0])?, &r).sum_all()
                 },
                 1e-6,
-                1e-6,
-                1e-8,
+                Tol::new(1e-8, 1e-6),
             );
         }
     });
@@ -390,21 +408,20 @@ fn non_contiguous_inputs_and_untracked_data() {
     let copy = Var::from_tensor(&view.contiguous().unwrap()).unwrap();
     let f = |t: &Tensor| ops::layer_norm(t, w.as_tensor(), bias.as_tensor(), 1e-5).unwrap();
     let (ya, yb) = (f(&view), f(copy.as_tensor()));
-    assert_close(&ya, &yb, 0.0, 0.0, "forward");
+    assert_close(&ya, &yb, Tol::exact(), "forward");
     let ga = weighted_sum(&ya, &r).backward().unwrap();
     let gb = weighted_sum(&yb, &r).backward().unwrap();
     let db = grad(&gb, &copy, "copy").transpose(1, 2).unwrap();
-    assert_close(&grad(&ga, &v, "view"), &db, 0.0, 0.0, "gradient");
+    assert_close(&grad(&ga, &v, "view"), &db, Tol::exact(), "gradient");
     // Untracked input: no dx, but dw and db, equal to the tracked case's.
     let data = view.contiguous().unwrap();
     let g = weighted_sum(&f(&data), &r).backward().unwrap();
     assert!(g.get(&data).is_none());
-    assert_close(&grad(&g, &w, "w"), &grad(&gb, &w, "w"), 0.0, 0.0, "dw");
+    assert_close(&grad(&g, &w, "w"), &grad(&gb, &w, "w"), Tol::exact(), "dw");
     assert_close(
         &grad(&g, &bias, "b"),
         &grad(&gb, &bias, "b"),
-        0.0,
-        0.0,
+        Tol::exact(),
         "db",
     );
 }
@@ -441,7 +458,7 @@ fn fused_kernel_agrees_with_tensor_path_on_large_inputs() {
             (y, grads)
         };
         let ((ya, ga), (yb, gb)) = (run(false), run(true));
-        assert_close(&ya, &yb, 1e-5, 1e-5, &format!("y rms {rms}"));
+        assert_close(&ya, &yb, Tol::new(1e-5, 1e-5), &format!("y rms {rms}"));
         for (i, (a, b)) in ga.iter().zip(&gb).enumerate() {
             match (a, b) {
                 (Some(a), Some(b)) => {
@@ -453,7 +470,12 @@ fn fused_kernel_agrees_with_tensor_path_on_large_inputs() {
                         .unwrap()
                         .to_scalar::<f32>()
                         .unwrap() as f64;
-                    assert_close(a, b, 1e-4, 1e-5 * scale, &format!("grad {i} rms {rms}"))
+                    assert_close(
+                        a,
+                        b,
+                        Tol::new(1e-5 * scale, 1e-4),
+                        &format!("grad {i} rms {rms}"),
+                    )
                 }
                 (None, None) => assert!(rms && i == 2),
                 _ => panic!("grad {i} rms {rms}: present on one path only"),
@@ -462,7 +484,7 @@ fn fused_kernel_agrees_with_tensor_path_on_large_inputs() {
         let again = run(false).1;
         for (a, b) in again.iter().zip(&ga) {
             if let (Some(a), Some(b)) = (a, b) {
-                assert_close(a, b, 0.0, 0.0, "rerun");
+                assert_close(a, b, Tol::exact(), "rerun");
             }
         }
     }

@@ -6,9 +6,10 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use common::{assert_close, check_gradients_fd, devices, load_fixture};
+use common::{check_gradients_fd, devices, load_fixture};
 use minibatch_nn::ops::{avg_pool2d, avg_pool2d_with_stride, max_pool2d, max_pool2d_with_stride};
 use minibatch_nn::set_tensor_path;
+use minibatch_testkit::{assert_close, Tol};
 
 const CASES: [&str; 4] = ["k2", "k2_odd", "k3_s2", "k2x3_s1x2"];
 
@@ -38,7 +39,7 @@ fn outputs_and_gradients_match_pytorch() {
                         );
                         let x = Var::from_tensor(get("x")).unwrap();
                         let y = pool(op, x.as_tensor(), k, s).unwrap();
-                        assert_close(&y, get("y"), rtol, atol, &format!("{what}: y"));
+                        assert_close(&y, get("y"), Tol::new(atol, rtol), &format!("{what}: y"));
                         let g = (&y * get("r"))
                             .unwrap()
                             .sum_all()
@@ -46,7 +47,7 @@ fn outputs_and_gradients_match_pytorch() {
                             .backward()
                             .unwrap();
                         let dx = g.get(x.as_tensor()).expect("dx");
-                        assert_close(dx, get("dx"), rtol, atol, &format!("{what}: dx"));
+                        assert_close(dx, get("dx"), Tol::new(atol, rtol), &format!("{what}: dx"));
                     }
                 }
             }
@@ -132,7 +133,12 @@ fn forward_matches_candle() {
         );
         let ours = avg_pool2d_with_stride(&x, k, s).unwrap();
         let theirs = x.avg_pool2d_with_stride(k, s).unwrap();
-        assert_close(&ours, &theirs, 1e-6, 1e-7, &format!("avg {shape:?}"));
+        assert_close(
+            &ours,
+            &theirs,
+            Tol::new(1e-7, 1e-6),
+            &format!("avg {shape:?}"),
+        );
     }
 }
 
@@ -153,8 +159,8 @@ fn threaded_planes_match_the_tensor_path() {
             (y, g.get(x.as_tensor()).unwrap().clone())
         };
         let (a, b) = (run(false), run(true));
-        assert_close(&a.0, &b.0, 1e-14, 1e-14, &format!("{op}: y"));
-        assert_close(&a.1, &b.1, 1e-14, 1e-14, &format!("{op}: dx"));
+        assert_close(&a.0, &b.0, Tol::new(1e-14, 1e-14), &format!("{op}: y"));
+        assert_close(&a.1, &b.1, Tol::new(1e-14, 1e-14), &format!("{op}: dx"));
     }
 }
 
@@ -174,8 +180,7 @@ fn gradients_match_finite_differences() {
                     std::slice::from_ref(&x),
                     |t| pool(op, &t[0], k, s)?.sqr()?.sum_all(),
                     1e-6,
-                    1e-6,
-                    1e-8,
+                    Tol::new(1e-8, 1e-6),
                 );
             }
         }

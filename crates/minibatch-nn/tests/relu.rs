@@ -6,9 +6,10 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use common::{assert_close, check_gradients_fd, devices};
+use common::{check_gradients_fd, devices};
 use minibatch_nn::ops::relu;
 use minibatch_nn::set_tensor_path;
+use minibatch_testkit::{assert_close, Tol};
 
 #[test]
 fn values_and_gradients() {
@@ -27,12 +28,12 @@ fn values_and_gradients() {
                 .unwrap();
             let y = relu(x.as_tensor()).unwrap();
             let want = Tensor::new(&[0f64, 0.0, 0.0, 0.25, 3.0], &dev).unwrap();
-            assert_close(&y, &want, 0.0, 0.0, "relu(x)");
+            assert_close(&y, &want, Tol::exact(), "relu(x)");
             let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
             let dx = grads.get(x.as_tensor()).unwrap();
             // PyTorch: no gradient at exactly 0 (candle's own relu passes it).
             let want = Tensor::new(&[0f64, 0.0, 0.0, 4.0, 5.0], &dev).unwrap();
-            assert_close(dx, &want, 0.0, 0.0, &format!("{dtype:?} {dev:?}: dx"));
+            assert_close(dx, &want, Tol::exact(), &format!("{dtype:?} {dev:?}: dx"));
         }
     }
 }
@@ -71,10 +72,10 @@ fn matches_candle_relu_and_the_tensor_path() {
         (y, g.get(x.as_tensor()).unwrap().clone())
     };
     let (a, b) = (run(false), run(true));
-    assert_close(&a.0, &b.0, 0.0, 0.0, "y");
-    assert_close(&a.1, &b.1, 0.0, 0.0, "dx");
+    assert_close(&a.0, &b.0, Tol::exact(), "y");
+    assert_close(&a.1, &b.1, Tol::exact(), "dx");
     let theirs = x.as_tensor().transpose(2, 3).unwrap().relu().unwrap();
-    assert_close(&a.0, &theirs, 0.0, 0.0, "candle's relu");
+    assert_close(&a.0, &theirs, Tol::exact(), "candle's relu");
 }
 
 #[test]
@@ -89,8 +90,7 @@ fn gradient_matches_finite_differences() {
             std::slice::from_ref(&x),
             |t| relu(&t[0])?.sqr()?.sum_all(),
             1e-6,
-            1e-7,
-            1e-9,
+            Tol::new(1e-9, 1e-7),
         );
         set_tensor_path(false);
     }

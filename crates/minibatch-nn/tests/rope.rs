@@ -7,9 +7,10 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use common::{assert_close, both_paths, check_gradients_fd, devices, load_fixture};
+use common::{both_paths, check_gradients_fd, devices, load_fixture};
 use minibatch_nn::rotary_emb::{rope, rope_i, rope_thd};
 use minibatch_nn::set_tensor_path;
+use minibatch_testkit::{assert_close, Tol};
 
 const FIXTURE: &str = "norm_softmax_rope.safetensors";
 
@@ -64,11 +65,11 @@ fn rope_matches_pytorch() {
                         let c = Var::from_tensor(&key("cos")).unwrap();
                         let s = Var::from_tensor(&key("sin")).unwrap();
                         let y = ours(x.as_tensor(), c.as_tensor(), s.as_tensor()).unwrap();
-                        assert_close(&y, &key("y"), rtol, atol, &format!("y {what}"));
+                        assert_close(&y, &key("y"), Tol::new(atol, rtol), &format!("y {what}"));
                         let g = weighted_sum(&y, &key("r")).backward().unwrap();
                         for (v, k) in [(&x, "dx"), (&c, "dcos"), (&s, "dsin")] {
                             let d = g.get(v.as_tensor()).unwrap_or_else(|| panic!("no {k}"));
-                            assert_close(d, &key(k), rtol, atol, &format!("{k} {what}"));
+                            assert_close(d, &key(k), Tol::new(atol, rtol), &format!("{k} {what}"));
                         }
                     });
                 }
@@ -110,15 +111,15 @@ fn forward_is_bit_identical_to_candle_nn() {
                     };
                     let y = ours(&x, &c, &s).unwrap();
                     let z = theirs(&x, &c, &s).unwrap();
-                    assert_close(&y, &z, 0.0, 0.0, &format!("{kind} {what}"));
+                    assert_close(&y, &z, Tol::exact(), &format!("{kind} {what}"));
                 }
                 if !batched {
                     let y = rope(&x, &c, &s).unwrap();
                     let z = candle_nn::rotary_emb::rope_slow(&x, &c, &s).unwrap();
-                    assert_close(&y, &z, 0.0, 0.0, &format!("rope_slow {what}"));
+                    assert_close(&y, &z, Tol::exact(), &format!("rope_slow {what}"));
                     let y = rope_i(&x, &c, &s).unwrap();
                     let z = candle_nn::rotary_emb::rope_i_slow(&x, &c, &s).unwrap();
-                    assert_close(&y, &z, 0.0, 0.0, &format!("rope_i_slow {what}"));
+                    assert_close(&y, &z, Tol::exact(), &format!("rope_i_slow {what}"));
                 }
             });
         }
@@ -149,7 +150,7 @@ fn per_batch_tables_longer_than_the_sequence() {
                 let si = s.get(i).unwrap();
                 let yi = ours(&xi, &ci, &si).unwrap();
                 let what = format!("{kind} item {i} tensor path {forced}");
-                assert_close(&y.narrow(0, i, 1).unwrap(), &yi, 0.0, 0.0, &what);
+                assert_close(&y.narrow(0, i, 1).unwrap(), &yi, Tol::exact(), &what);
             }
         }
     });
@@ -181,8 +182,7 @@ fn gradients_match_finite_differences_and_autograd() {
                     &[x.clone(), c.clone(), s.clone()],
                     |ts| Ok(weighted_sum(&ours(&ts[0], &ts[1], &ts[2])?, &r)),
                     1e-6,
-                    1e-7,
-                    1e-9,
+                    Tol::new(1e-9, 1e-7),
                 )
             });
             // Fused backward vs autograd of the tensor path.
@@ -208,8 +208,7 @@ fn gradients_match_finite_differences_and_autograd() {
                 assert_close(
                     a,
                     &z,
-                    1e-13,
-                    1e-14,
+                    Tol::new(1e-14, 1e-13),
                     &format!("{kind} batched {batched} grad {i}"),
                 );
             }
@@ -233,13 +232,12 @@ fn constant_tables_and_strided_inputs() {
     let r = randn(&[b, h, t, d], DType::F32, 14);
     let y = rope(&q, &c, &s).unwrap();
     let y2 = rope(&q.contiguous().unwrap(), &c, &s).unwrap();
-    assert_close(&y, &y2, 0.0, 0.0, "strided forward");
+    assert_close(&y, &y2, Tol::exact(), "strided forward");
     let thd = rope_thd(proj.as_tensor(), &c, &s).unwrap();
     assert_close(
         &thd.transpose(1, 2).unwrap(),
         &y,
-        0.0,
-        0.0,
+        Tol::exact(),
         "rope_thd = rope on the transpose",
     );
     let g = weighted_sum(&y, &r).backward().unwrap();
@@ -255,8 +253,7 @@ fn constant_tables_and_strided_inputs() {
     assert_close(
         dproj,
         g2.get(proj.as_tensor()).unwrap(),
-        1e-6,
-        1e-7,
+        Tol::new(1e-7, 1e-6),
         "strided gradient",
     );
 }

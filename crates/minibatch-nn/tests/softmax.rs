@@ -6,9 +6,10 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use common::{assert_close, both_paths, check_gradients_fd, devices, load_fixture};
+use common::{both_paths, check_gradients_fd, devices, load_fixture};
 use minibatch_nn::ops::{log_softmax, softmax, softmax_last_dim};
 use minibatch_nn::set_tensor_path;
+use minibatch_testkit::{assert_close, Tol};
 
 const FIXTURE: &str = "norm_softmax_rope.safetensors";
 
@@ -62,10 +63,10 @@ fn softmax_and_log_softmax_match_pytorch() {
                             _ => log_softmax(x.as_tensor(), dim).unwrap(),
                         };
                         assert_eq!(y.dtype(), dtype);
-                        assert_close(&y, &key("y"), rtol, atol, &format!("y {what}"));
+                        assert_close(&y, &key("y"), Tol::new(atol, rtol), &format!("y {what}"));
                         let g = weighted_sum(&y, &key("r")).backward().unwrap();
                         let dx = g.get(x.as_tensor()).expect("no gradient");
-                        assert_close(dx, &key("dx"), rtol, atol, &format!("dx {what}"));
+                        assert_close(dx, &key("dx"), Tol::new(atol, rtol), &format!("dx {what}"));
                     });
                 }
             }
@@ -85,19 +86,23 @@ fn forward_matches_candle_nn() {
         let ours = softmax_last_dim(&x).unwrap();
         if dtype == DType::F32 {
             let theirs = candle_nn::ops::softmax_last_dim(&x).unwrap();
-            assert_close(&ours, &theirs, rtol, 1e-9, "softmax_last_dim");
+            assert_close(&ours, &theirs, Tol::new(1e-9, rtol), "softmax_last_dim");
         }
         for dim in 0..3 {
             let ours = softmax(&x, dim).unwrap();
             let theirs = candle_nn::ops::softmax(&x, dim).unwrap();
-            assert_close(&ours, &theirs, rtol, 1e-9, &format!("softmax dim {dim}"));
+            assert_close(
+                &ours,
+                &theirs,
+                Tol::new(1e-9, rtol),
+                &format!("softmax dim {dim}"),
+            );
             let ours = log_softmax(&x, dim).unwrap();
             let theirs = candle_nn::ops::log_softmax(&x, dim).unwrap();
             assert_close(
                 &ours,
                 &theirs,
-                rtol,
-                1e-6,
+                Tol::new(1e-6, rtol),
                 &format!("log_softmax dim {dim}"),
             );
         }
@@ -188,8 +193,7 @@ fn gradients_match_composed_formula_and_finite_differences() {
             assert_close(
                 ga.get(v.as_tensor()).unwrap(),
                 gb.get(v.as_tensor()).unwrap(),
-                1e-12,
-                1e-14,
+                Tol::new(1e-14, 1e-12),
                 &what,
             );
             both_paths(|_| {
@@ -197,8 +201,7 @@ fn gradients_match_composed_formula_and_finite_differences() {
                     std::slice::from_ref(&x),
                     |ts| (ours(&ts[0])? * &r)?.sum_all(),
                     1e-6,
-                    1e-7,
-                    1e-9,
+                    Tol::new(1e-9, 1e-7),
                 )
             });
         }
@@ -224,12 +227,12 @@ fn non_contiguous_inputs() {
             }
         };
         let (ya, yb) = (f(&view), f(copy.as_tensor()));
-        assert_close(&ya, &yb, 0.0, 0.0, "forward");
+        assert_close(&ya, &yb, Tol::exact(), "forward");
         let ga = (ya * &r).unwrap().sum_all().unwrap().backward().unwrap();
         let gb = (yb * &r).unwrap().sum_all().unwrap().backward().unwrap();
         let da = ga.get(v.as_tensor()).unwrap();
         let db = gb.get(copy.as_tensor()).unwrap().transpose(1, 2).unwrap();
-        assert_close(da, &db, 0.0, 0.0, "gradient");
+        assert_close(da, &db, Tol::exact(), "gradient");
     }
 }
 
@@ -255,10 +258,10 @@ fn fused_kernel_agrees_with_tensor_path_on_large_inputs() {
             };
             let ((ya, ga), (yb, gb)) = (run(false), run(true));
             let what = format!("dim {dim} log {log}");
-            assert_close(&ya, &yb, 1e-5, 1e-6, &format!("y {what}"));
-            assert_close(&ga, &gb, 1e-4, 1e-5, &format!("dx {what}"));
+            assert_close(&ya, &yb, Tol::new(1e-6, 1e-5), &format!("y {what}"));
+            assert_close(&ga, &gb, Tol::new(1e-5, 1e-4), &format!("dx {what}"));
             // Same bits on a second run (rows never split between threads).
-            assert_close(&run(false).1, &ga, 0.0, 0.0, &format!("rerun {what}"));
+            assert_close(&run(false).1, &ga, Tol::exact(), &format!("rerun {what}"));
         }
     }
 }

@@ -1,11 +1,13 @@
 //! Shared helpers of the minibatch-nn integration tests: PyTorch fixtures,
-//! tolerance checks, f64 finite differences, devices.
+//! f64 finite differences, devices, seeded draws (the comparisons are
+//! `minibatch_testkit`'s).
 #![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor, Var};
+use minibatch_testkit::{assert_close, Tol};
 
 /// `crates/minibatch-nn/tests/fixtures/<name>`.
 pub fn fixture_path(name: &str) -> PathBuf {
@@ -44,37 +46,15 @@ pub fn to_f64_vec(t: &Tensor) -> Vec<f64> {
         .unwrap()
 }
 
-/// Asserts `|a - b| <= atol + rtol * |b|` elementwise (shapes equal), naming
-/// `what` and the worst element on failure.
-pub fn assert_close(a: &Tensor, b: &Tensor, rtol: f64, atol: f64, what: &str) {
-    assert_eq!(a.dims(), b.dims(), "{what}: shapes differ");
-    let (va, vb) = (to_f64_vec(a), to_f64_vec(b));
-    let mut worst = (0usize, 0.0f64);
-    for (i, (x, y)) in va.iter().zip(&vb).enumerate() {
-        assert!(x.is_finite() == y.is_finite(), "{what}[{i}]: {x} vs {y}");
-        let excess = (x - y).abs() - (atol + rtol * y.abs());
-        if excess > worst.1 {
-            worst = (i, excess);
-        }
-    }
-    if worst.1 > 0.0 {
-        let i = worst.0;
-        panic!(
-            "{what}: element {i} is {} but expected {} (rtol {rtol}, atol {atol})",
-            va[i], vb[i]
-        );
-    }
-}
-
 /// Central finite differences of the scalar function `f` with respect to
 /// every element of every input (f64 inputs), compared with the analytic
-/// gradients candle's `backward` gives through `f`.
+/// gradients candle's `backward` gives through `f` (actual: analytic,
+/// expected: numeric, under `tol`).
 pub fn check_gradients_fd(
     inputs: &[Tensor],
     f: impl Fn(&[Tensor]) -> candle_core::Result<Tensor>,
     eps: f64,
-    rtol: f64,
-    atol: f64,
+    tol: Tol,
 ) {
     let vars: Vec<Var> = inputs
         .iter()
@@ -103,7 +83,7 @@ pub fn check_gradients_fd(
             numeric[i] = (eval(eps) - eval(-eps)) / (2.0 * eps);
         }
         let numeric = Tensor::from_vec(numeric, var.shape(), var.device()).unwrap();
-        assert_close(analytic, &numeric, rtol, atol, &format!("d/d input {k}"));
+        assert_close(analytic, &numeric, tol, &format!("d/d input {k}"));
     }
 }
 
