@@ -28,6 +28,8 @@
 //!
 //! `cargo bench --bench cnn_epoch`
 
+mod common;
+
 use std::hint::black_box;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -117,7 +119,7 @@ impl Module for Cnn {
 }
 
 fn data() -> TensorDataset {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/mnist");
+    let dir = common::mnist_dir();
     mnist::load(dir, &Device::Cpu).unwrap().0
 }
 
@@ -189,10 +191,10 @@ fn phases(ds: &TensorDataset, layers: Layers, steps: usize) {
     let (m, _vm, loader, mut opt) = setup(ds, layers);
     let (mut fwd, mut bwd, mut step) = (0f64, 0f64, 0f64);
     let mut n = 0;
-    let mut cpu0 = 0;
+    let mut cpu0 = 0.0;
     for (i, b) in loader.epoch(0).enumerate() {
         if i == 5 {
-            cpu0 = cpu_ticks();
+            cpu0 = common::cpu_seconds();
         }
         if i == steps + 5 {
             break;
@@ -213,7 +215,7 @@ fn phases(ds: &TensorDataset, layers: Layers, steps: usize) {
             n += 1;
         }
     }
-    let cpu = (cpu_ticks() - cpu0) as f64 / 100.0;
+    let cpu = common::cpu_seconds() - cpu0;
     let ms = |s: f64| 1e3 * s / n as f64;
     println!(
         "{:>12} per step (mean of {n}): forward+loss {:.2} ms, backward {:.2} ms, step {:.3} ms, total {:.2} ms; process CPU time {:.2} ms",
@@ -226,46 +228,19 @@ fn phases(ds: &TensorDataset, layers: Layers, steps: usize) {
     );
 }
 
-/// CPU time of this process (all threads), in clock ticks (1/100 s on Linux).
-fn cpu_ticks() -> u64 {
-    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the command name (which may contain spaces): utime is the
-    // 12th and stime the 13th of them.
-    let rest = s.rsplit(')').next().unwrap_or("");
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .skip(11)
-        .take(2)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    f.iter().sum()
-}
-
 fn torch_python() -> Option<std::path::PathBuf> {
     if std::env::var("CNN_BENCH_SKIP_TORCH").as_deref() == Ok("1") {
         return None;
     }
-    let p = match std::env::var_os("MINIBATCH_TORCH_PYTHON") {
-        Some(p) => p.into(),
-        None => std::path::Path::new(&std::env::var_os("HOME")?).join(".venv-torch/bin/python"),
-    };
-    p.exists().then_some(p)
-}
-
-fn peers_dir() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/peers")
-}
-
-fn data_dir() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/mnist")
+    common::torch_python()
 }
 
 /// One PyTorch epoch of `torch_cnn.py`, in seconds (its own timer: the
 /// training loop only, not the start-up).
 fn torch_epoch(py: &std::path::Path) -> Option<f64> {
     let out = Command::new(py)
-        .arg(peers_dir().join("torch_cnn.py"))
-        .arg(data_dir())
+        .arg(common::peers_dir().join("torch_cnn.py"))
+        .arg(common::mnist_dir())
         .arg("1")
         .output()
         .ok()?;
@@ -291,7 +266,7 @@ fn torch_epoch(py: &std::path::Path) -> Option<f64> {
 fn interleaved(ds: &TensorDataset, rounds: usize, candle_steps: u64) {
     let py = torch_python();
     if py.is_none() {
-        println!("PyTorch: skipped (no ~/.venv-torch/bin/python, or CNN_BENCH_SKIP_TORCH=1)");
+        println!("PyTorch: skipped (no ~/.venv-torch/bin/python or $MINIBATCH_TORCH_PYTHON, or CNN_BENCH_SKIP_TORCH=1)");
     }
     let (mut ours, steps_per_epoch) = trainer(ds, Layers::MinibatchNn);
     let (mut theirs, _) = trainer(ds, Layers::CandleNn);
@@ -328,15 +303,6 @@ fn interleaved(ds: &TensorDataset, rounds: usize, candle_steps: u64) {
     }
 }
 
-fn status_kib(key: &str) -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    s.lines()
-        .find(|l| l.starts_with(key))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 const MEM_STEPS: usize = 100;
 
 /// In a fresh process: RSS before training, high-water mark after
@@ -344,13 +310,13 @@ const MEM_STEPS: usize = 100;
 fn memory_child(layers: Layers) {
     let ds = data();
     let (m, _vm, loader, mut opt) = setup(&ds, layers);
-    let before = status_kib("VmRSS:");
+    let before = common::status_kib("VmRSS");
     for b in loader.epoch(0).take(MEM_STEPS) {
         let (x, y) = b.unwrap().into_pair().unwrap();
         let loss = minibatch_nn::loss::cross_entropy(&m.forward(&x).unwrap(), &y).unwrap();
         opt.backward_step(&loss).unwrap();
     }
-    println!("{before} {}", status_kib("VmHWM:"));
+    println!("{before} {}", common::status_kib("VmHWM"));
 }
 
 const TORCH_MEM: &str = r#"
@@ -386,20 +352,16 @@ fn parse_mem(out: &[u8]) -> Option<(u64, u64)> {
 }
 
 fn memory() {
-    let me = std::env::current_exe().unwrap();
     let mut rows: Vec<(String, Option<(u64, u64)>)> = Vec::new();
     for layers in [Layers::MinibatchNn, Layers::CandleNn] {
-        let out = Command::new(&me)
-            .env("CNN_EPOCH_MEMORY_CHILD", layers.name())
-            .output()
-            .unwrap();
-        rows.push((layers.name().into(), parse_mem(&out.stdout)));
+        let out = common::fresh_process("CNN_EPOCH_MEMORY_CHILD", layers.name());
+        rows.push((layers.name().into(), out.and_then(|o| parse_mem(&o.stdout))));
     }
     if let Some(py) = torch_python() {
         let out = Command::new(py)
             .args(["-c", TORCH_MEM])
-            .arg(peers_dir())
-            .arg(data_dir())
+            .arg(common::peers_dir())
+            .arg(common::mnist_dir())
             .arg(MEM_STEPS.to_string())
             .output()
             .unwrap();
@@ -435,13 +397,6 @@ fn criterion_group(ds: &TensorDataset, c: &mut Criterion) {
     g.finish();
 }
 
-fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
-    std::env::var(key)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
-}
-
 fn main() {
     if let Ok(kind) = std::env::var("CNN_EPOCH_MEMORY_CHILD") {
         let layers = if kind == Layers::CandleNn.name() {
@@ -458,7 +413,7 @@ fn main() {
     phases(
         &ds,
         Layers::MinibatchNn,
-        env_or("CNN_BENCH_PHASE_STEPS", 100),
+        common::env_or("CNN_BENCH_PHASE_STEPS", 100),
     );
     if only == "ours" {
         return;
@@ -469,8 +424,8 @@ fn main() {
     }
     interleaved(
         &ds,
-        env_or("CNN_BENCH_ROUNDS", 2),
-        env_or("CNN_BENCH_CANDLE_STEPS", 150),
+        common::env_or("CNN_BENCH_ROUNDS", 2),
+        common::env_or("CNN_BENCH_CANDLE_STEPS", 150),
     );
     memory();
     criterion_group(&ds, &mut c);

@@ -31,8 +31,9 @@
 //! `MNIST_BENCH_ONLY=trainer` only runs `MNIST_BENCH_ROUNDS` Trainer epochs of
 //! both MLPs (for profilers).
 
+mod common;
+
 use std::hint::black_box;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -107,8 +108,7 @@ fn loss(kind: Kind, logits: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> 
 }
 
 fn data() -> TensorDataset {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/mnist");
-    mnist::load(dir, &Device::Cpu).unwrap().0
+    mnist::load(common::mnist_dir(), &Device::Cpu).unwrap().0
 }
 
 fn setup(ds: &TensorDataset, sizes: &[usize], kind: Kind) -> (Mlp, VarMap, DataLoader, Sgd) {
@@ -270,32 +270,18 @@ fn interleaved(ds: &TensorDataset, rounds: usize) -> Vec<Vec<f64>> {
     best
 }
 
-fn torch_python() -> PathBuf {
-    std::env::var_os("MINIBATCH_TORCH_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-                .join(".venv-torch/bin/python")
-        })
-}
-
-fn peers_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/peers")
-}
-
 /// PyTorch's best epoch per (MLP, loop) from `torch_e2e.py`, if it can run.
 fn torch_e2e() -> Vec<(String, String, f64)> {
-    let script = peers_dir().join("torch_e2e.py");
-    let python = torch_python();
-    if !script.exists() || !python.exists() {
+    let script = common::peers_dir().join("torch_e2e.py");
+    let Some(python) = common::torch_python().filter(|_| script.exists()) else {
         println!(
-            "PyTorch figures skipped: no {} or {}",
+            "PyTorch figures skipped: no {}, or no interpreter (${})",
             script.display(),
-            python.display()
+            common::TORCH_PYTHON_VAR
         );
         return vec![];
-    }
-    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/mnist");
+    };
+    let data = common::mnist_dir();
     let out = Command::new(&python)
         .arg(&script)
         .arg(&data)
@@ -325,14 +311,6 @@ fn torch_e2e() -> Vec<(String, String, f64)> {
     res
 }
 
-fn status_kb(field: &str) -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// The child process of the memory measurement: prints
 /// `MEM <step peak kB> <process VmHWM kB>`.
 fn memory_child(spec: &str) {
@@ -360,12 +338,12 @@ fn memory_child(spec: &str) {
             .build()
             .unwrap();
         t.train_batch(&batches[0]).unwrap();
-        let _ = std::fs::write("/proc/self/clear_refs", "5");
-        let base = status_kb("VmRSS:");
+        common::reset_peak();
+        let base = common::status_kib("VmRSS");
         for b in &batches[1..] {
             t.train_batch(b).unwrap();
         }
-        let hwm = status_kb("VmHWM:");
+        let hwm = common::status_kib("VmHWM");
         (hwm.saturating_sub(base), hwm)
     } else {
         let step = |opt: &mut Sgd, b: &minibatch_data::Batch| {
@@ -375,12 +353,12 @@ fn memory_child(spec: &str) {
             l.to_scalar::<f32>().unwrap()
         };
         step(&mut opt, &batches[0]);
-        let _ = std::fs::write("/proc/self/clear_refs", "5");
-        let base = status_kb("VmRSS:");
+        common::reset_peak();
+        let base = common::status_kib("VmRSS");
         for b in &batches[1..] {
             step(&mut opt, b);
         }
-        let hwm = status_kb("VmHWM:");
+        let hwm = common::status_kib("VmHWM");
         (hwm.saturating_sub(base), hwm)
     };
     println!("MEM {peak} {hwm}");
@@ -433,13 +411,10 @@ fn parse_mem(out: &[u8]) -> Option<(u64, u64)> {
 /// Peak memory per step of every (MLP, variant) and of PyTorch, each in a
 /// fresh process.
 fn memory() {
-    let exe = std::env::current_exe().unwrap();
     println!("peak memory per step (VmHWM growth over 200 steps after one warm-up step, fresh process each):");
     for (k, sizes) in MLPS.iter().enumerate() {
         for (v, variant) in VARIANTS.iter().enumerate() {
-            let out = Command::new(&exe)
-                .env("MNIST_MEM_CHILD", format!("{k}:{v}"))
-                .output()
+            let out = common::fresh_process("MNIST_MEM_CHILD", &format!("{k}:{v}"))
                 .expect("run the memory child");
             match parse_mem(&out.stdout) {
                 Some((peak, hwm)) => println!(
@@ -457,13 +432,12 @@ fn memory() {
                 ),
             }
         }
-        let python = torch_python();
-        if python.exists() {
-            let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/mnist");
+        if let Some(python) = common::torch_python() {
+            let data = common::mnist_dir();
             let out = Command::new(&python)
                 .arg("-c")
                 .arg(TORCH_MEM)
-                .arg(peers_dir())
+                .arg(common::peers_dir())
                 .arg(&data)
                 .arg(tag(sizes))
                 .output()
@@ -485,20 +459,13 @@ fn memory() {
     }
 }
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
-}
-
 fn bench(c: &mut Criterion) {
     if let Ok(spec) = std::env::var("MNIST_MEM_CHILD") {
         memory_child(&spec);
         std::process::exit(0);
     }
     let ds = data();
-    let rounds = env_usize("MNIST_BENCH_ROUNDS", 5);
+    let rounds: usize = common::env_or("MNIST_BENCH_ROUNDS", 5);
     if std::env::var("MNIST_BENCH_ONLY").as_deref() == Ok("trainer") {
         for sizes in MLPS {
             let mut t = trainer(&ds, sizes);

@@ -14,7 +14,7 @@
 //! round, so load from other processes hits all alike) and the best time per
 //! step of each is printed with the ratios; the PyTorch script runs right
 //! before and right after that (its best of both is used). Set
-//! `TORCH_PYTHON` to the interpreter (default `~/.venv-torch/bin/python`);
+//! `MINIBATCH_TORCH_PYTHON` to the interpreter (default `~/.venv-torch/bin/python`);
 //! without one, the PyTorch column is left out. `NN_OPS_ROUNDS` and
 //! `NN_OPS_ITERS` (default 7 and 20) set the rounds and steps per round of
 //! both; `RAYON_NUM_THREADS` sets the threads of both (default: candle's
@@ -22,6 +22,8 @@
 //! contains `softmax`.
 //!
 //! `cargo bench --bench nn_ops`
+
+mod common;
 
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -270,12 +272,7 @@ fn best_of(f: &dyn Fn(), iters: usize) -> f64 {
 
 /// Runs the PyTorch twin; its lines are `name<TAB>best seconds`.
 fn torch_times() -> Option<HashMap<String, f64>> {
-    let python = std::env::var("TORCH_PYTHON").unwrap_or_else(|_| {
-        format!(
-            "{}/.venv-torch/bin/python",
-            std::env::var("HOME").unwrap_or_default()
-        )
-    });
+    let python = common::torch_python()?;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/torch_nn_ops.py");
     let out = Command::new(&python).arg(script).output().ok()?;
     if !out.status.success() {
@@ -345,13 +342,10 @@ fn table(
 }
 
 fn summary(steps: &[Case], forwards: &[Case]) {
-    let env = |k: &str, d: usize| {
-        std::env::var(k)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(d)
-    };
-    let (rounds, iters) = (env("NN_OPS_ROUNDS", 7), env("NN_OPS_ITERS", 20));
+    let (rounds, iters): (usize, usize) = (
+        common::env_or("NN_OPS_ROUNDS", 7),
+        common::env_or("NN_OPS_ITERS", 20),
+    );
     let before = torch_times();
     let best_steps = race(steps, rounds, iters);
     let best_fwd = race(forwards, rounds, iters);

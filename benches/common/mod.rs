@@ -1,0 +1,83 @@
+//! Helpers shared by the benches (`mod common;` in each): the PyTorch
+//! interpreter, memory and CPU-time readings of `/proc/self`, fresh-process
+//! runs, and environment knobs.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The environment variable naming the PyTorch interpreter that runs the
+/// benches' Python twins (default `~/.venv-torch/bin/python`).
+pub const TORCH_PYTHON_VAR: &str = "MINIBATCH_TORCH_PYTHON";
+
+/// The PyTorch interpreter: `$MINIBATCH_TORCH_PYTHON`, else
+/// `~/.venv-torch/bin/python`; `None` when that file does not exist (the
+/// benches then leave the PyTorch column out).
+pub fn torch_python() -> Option<PathBuf> {
+    let p = match std::env::var_os(TORCH_PYTHON_VAR) {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => Path::new(&std::env::var_os("HOME")?).join(".venv-torch/bin/python"),
+    };
+    p.exists().then_some(p)
+}
+
+/// `../shared/peers` beside the repository: the PyTorch twins and data
+/// helpers shared with the peer projects (`torch_e2e.py`, `mnist_np.py`, ...).
+pub fn peers_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/peers")
+}
+
+/// The MNIST files committed with the project (`data/mnist`).
+pub fn mnist_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("data/mnist")
+}
+
+/// The value of `field` (`"VmRSS"`, `"VmHWM"`, ...) of `/proc/self/status`,
+/// in KiB; 0 where it cannot be read (not Linux).
+pub fn status_kib(field: &str) -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Resets this process's `VmHWM` to its current RSS (`echo 5 >
+/// /proc/self/clear_refs`), so a later [`status_kib`]`("VmHWM")` is the peak
+/// of what ran since.
+pub fn reset_peak() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// User + system CPU seconds of this process, all threads
+/// (`/proc/self/stat`, clock ticks of 10 ms); NaN where it cannot be read.
+pub fn cpu_seconds() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name (which may contain
+    // spaces); utime and stime are the 12th and 13th of them.
+    let rest = s.rsplit_once(')').map(|r| r.1).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| {
+        f.get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    (tick(11) + tick(12)) / 100.0
+}
+
+/// `key` parsed from the environment, or `default` when unset or unparsable.
+pub fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
+    std::env::var(key)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Runs this bench binary again in a fresh process with `var=value` set
+/// (the child's `main` sees `var` and runs one measurement, for instance of
+/// its peak memory, which a process that already ran other variants would
+/// spoil); `None` if it cannot be started.
+pub fn fresh_process(var: &str, value: &str) -> Option<Output> {
+    let exe = std::env::current_exe().ok()?;
+    Command::new(exe).env(var, value).output().ok()
+}
