@@ -24,11 +24,12 @@
 //! `GPT_STEP_PHASES=1` also prints where the time of a step goes (forward,
 //! backward, clip, optimizer).
 //!
-//! Set `TORCH_PYTHON` to the interpreter (default `~/.venv-torch/bin/python`);
+//! Set `MINIBATCH_TORCH_PYTHON` to the interpreter (default `~/.venv-torch/bin/python`);
 //! without one, the PyTorch column is left out.
 //!
 //! `cargo bench --bench gpt_step`
 
+mod common;
 #[path = "../examples/gpt/model.rs"]
 mod model;
 
@@ -39,7 +40,7 @@ use std::time::{Duration, Instant};
 use candle_core::{Device, Module, Tensor, Var};
 use candle_nn::VarMap;
 use criterion::Criterion;
-use minibatch_optim::{clip_grad_norm, AdamW, AdamWConfig, Norm, Optimizer};
+use minibatch_optim::{clip_grad_norm, AdamConfig, AdamW, AdamWConfig, Norm, Optimizer};
 use model::{defaults, masked_loss, Gpt, GptConfig, Layers};
 use rand::{Rng, SeedableRng};
 
@@ -73,11 +74,13 @@ fn setup(layers: Layers) -> Setup {
     let opt = AdamW::from_varmap(
         &vm,
         AdamWConfig {
-            lr: 1e-3,
-            beta1: 0.9,
-            beta2: 0.99,
-            weight_decay: 0.1,
-            ..Default::default()
+            adam: AdamConfig {
+                lr: 1e-3,
+                beta1: 0.9,
+                beta2: 0.99,
+                weight_decay: 0.1,
+                ..AdamWConfig::default().adam
+            },
         },
     )
     .unwrap();
@@ -127,44 +130,22 @@ impl Setup {
     }
 }
 
-fn status_kib(key: &str) -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-/// User + system CPU seconds of this process (`/proc/self/stat`, clock ticks of 10 ms).
-fn cpu_seconds() -> f64 {
-    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let rest = s.rsplit_once(')').map(|r| r.1).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let tick = |i: usize| {
-        f.get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(f64::NAN)
-    };
-    (tick(11) + tick(12)) / 100.0
-}
-
 /// In the child process: runs the steps of one variant and prints
 /// `VmHWM` and `VmHWM - VmRSS before the first step`, in MiB, and the CPU
 /// time per step in ms (all threads; robust to load from other processes).
 fn memory_child(name: &str) {
     let layers = VARIANTS.iter().find(|v| v.0 == name).expect("variant").1;
     let mut s = setup(layers);
-    let rss0 = status_kib("VmRSS");
+    let rss0 = common::status_kib("VmRSS");
     for _ in 0..5 {
         s.step(None);
     }
-    let (c0, n) = (cpu_seconds(), 40);
+    let (c0, n) = (common::cpu_seconds(), 40);
     for _ in 0..n {
         s.step(None);
     }
-    let cpu_ms = 1e3 * (cpu_seconds() - c0) / n as f64;
-    let hwm = status_kib("VmHWM");
+    let cpu_ms = 1e3 * (common::cpu_seconds() - c0) / n as f64;
+    let hwm = common::status_kib("VmHWM");
     println!(
         "{:.1}\t{:.1}\t{cpu_ms:.1}",
         hwm as f64 / 1024.0,
@@ -174,11 +155,7 @@ fn memory_child(name: &str) {
 
 /// `[peak MiB, step MiB, CPU ms per step]` of a variant, measured in a fresh process.
 fn memory(name: &str) -> Option<[f64; 3]> {
-    let exe = std::env::current_exe().ok()?;
-    let out = Command::new(exe)
-        .env("GPT_STEP_MEMORY", name)
-        .output()
-        .ok()?;
+    let out = common::fresh_process("GPT_STEP_MEMORY", name)?;
     let s = String::from_utf8_lossy(&out.stdout);
     let mut it = s.trim().split('\t').map(|v| v.parse::<f64>().ok());
     Some([it.next()??, it.next()??, it.next()??])
@@ -186,12 +163,7 @@ fn memory(name: &str) -> Option<[f64; 3]> {
 
 /// PyTorch's lines: `name -> [min ms, median ms, CPU ms per step, peak MiB, step MiB]`.
 fn torch() -> Option<Vec<(String, [f64; 5])>> {
-    let python = std::env::var("TORCH_PYTHON").unwrap_or_else(|_| {
-        format!(
-            "{}/.venv-torch/bin/python",
-            std::env::var("HOME").unwrap_or_default()
-        )
-    });
+    let python = common::torch_python()?;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/torch_gpt_step.py");
     let out = Command::new(&python).arg(script).output().ok()?;
     if !out.status.success() {

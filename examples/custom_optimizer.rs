@@ -10,8 +10,8 @@
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use minibatch_optim::{
-    check_non_negative, check_unit, AdamW, AdamWConfig, CosineAnnealingLR, Float, GenericOptimizer,
-    LrScheduler, Optimizer, ParamStep, UpdateRule,
+    check_non_negative, check_unit, AdamConfig, AdamW, AdamWConfig, CosineAnnealingLR, Float,
+    GenericOptimizer, LrScheduler, Optimizer, ParamStep, UpdateRule,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -120,9 +120,11 @@ fn main() -> anyhow::Result<()> {
             _ => Box::new(AdamW::from_varmap(
                 &varmap,
                 AdamWConfig {
-                    lr: 0.1,
-                    weight_decay: 0.0,
-                    ..Default::default()
+                    adam: AdamConfig {
+                        lr: 0.1,
+                        weight_decay: 0.0,
+                        ..AdamWConfig::default().adam
+                    },
                 },
             )?),
         };

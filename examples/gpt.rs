@@ -61,7 +61,7 @@ use candle_core::{Device, IndexOp, Module, Tensor, D};
 use clap::Parser;
 use minibatch_data::{parse_device, Batch, DataLoader, TensorDataset};
 use minibatch_optim::{
-    AdamW, AdamWConfig, CosineAnnealingLR, LinearLR, LrScheduler, Norm, SequentialLR,
+    AdamConfig, AdamW, AdamWConfig, CosineAnnealingLR, LinearLR, LrScheduler, Norm, SequentialLR,
 };
 use minibatch_train::{
     Clip, Metric, Mode, ProgressMode, RunningMean, ScheduleEvery, StepOutput, TrainError, Trainer,
@@ -337,11 +337,13 @@ fn main() -> Result<()> {
     let mut opt = AdamW::from_varmap(
         &vm,
         AdamWConfig {
-            lr: a.lr,
-            beta1: 0.9,
-            beta2: 0.99,
-            weight_decay: a.weight_decay,
-            ..Default::default()
+            adam: AdamConfig {
+                lr: a.lr,
+                beta1: 0.9,
+                beta2: 0.99,
+                weight_decay: a.weight_decay,
+                ..AdamWConfig::default().adam
+            },
         },
     )?;
     let steps_per_epoch = train_loader.len().div_ceil(a.accumulate.max(1)) as u64;

@@ -203,9 +203,11 @@ fn build_optimizer(a: &Args, vm: &VarMap, lr: f64) -> Result<Box<dyn Optimizer>>
         Opt::Adamw => Box::new(AdamW::from_varmap(
             vm,
             AdamWConfig {
-                lr,
-                weight_decay: if wd == 0.0 { 1e-2 } else { wd },
-                ..Default::default()
+                adam: AdamConfig {
+                    lr,
+                    weight_decay: if wd == 0.0 { 1e-2 } else { wd },
+                    ..AdamWConfig::default().adam
+                },
             },
         )?),
         Opt::Rmsprop => Box::new(RmsProp::from_varmap(

@@ -15,6 +15,7 @@ mod common;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use minibatch_optim::{clip_grad_norm, clip_grad_norm_with, clip_grad_value, Norm, OptimError};
+use minibatch_testkit::{assert_close, Tol};
 use serde_json::Value;
 
 fn norm_of(v: &Value) -> Norm {
@@ -79,18 +80,17 @@ fn clipping_matches_pytorch() {
                     .to_vec1::<f64>()
                     .unwrap()[0];
                 assert!(
-                    (total - want).abs() <= 1e-6 * want.abs(),
+                    Tol::rel(1e-6).accepts(total, want),
                     "{tag}: total norm {total} vs {want}"
                 );
             }
             for (i, v) in vars.iter().enumerate() {
                 // f32 precision: 2e-6 relative, 1e-7 absolute.
-                common::assert_close(
-                    &format!("{tag} on {device:?}: clipped grad {i}"),
+                assert_close(
                     grads.get(v.as_tensor()).unwrap(),
                     &data[&format!("{tag}.clipped.{i}")],
-                    2e-6,
-                    1e-7,
+                    Tol::new(1e-7, 2e-6),
+                    &format!("{tag} on {device:?}: clipped grad {i}"),
                 );
             }
         }

@@ -24,6 +24,7 @@ use minibatch_optim::{
     AdagradConfig, AdamConfig, AdamWConfig, GenericOptimizer, Optimizer, RmsPropConfig, SgdConfig,
     UpdateRule,
 };
+use minibatch_testkit::{assert_close, Tol};
 use serde_json::{Map, Value};
 
 /// Consumes PyTorch keyword arguments; leftovers fail the test by name.
@@ -108,16 +109,18 @@ fn build(class: &str, hp: &Value, vars: Vec<Var>, tensor_path: bool) -> Box<dyn 
             finish(vars, cfg, tensor_path)
         }
         "AdamW" => {
-            let d = AdamWConfig::default();
+            let d = AdamWConfig::default().adam;
             let (beta1, beta2) = k.betas((d.beta1, d.beta2));
             let cfg = AdamWConfig {
-                lr: k.f("lr", d.lr),
-                beta1,
-                beta2,
-                eps: k.f("eps", d.eps),
-                weight_decay: k.f("weight_decay", d.weight_decay),
-                amsgrad: k.b("amsgrad", d.amsgrad),
-                maximize: k.b("maximize", d.maximize),
+                adam: AdamConfig {
+                    lr: k.f("lr", d.lr),
+                    beta1,
+                    beta2,
+                    eps: k.f("eps", d.eps),
+                    weight_decay: k.f("weight_decay", d.weight_decay),
+                    amsgrad: k.b("amsgrad", d.amsgrad),
+                    maximize: k.b("maximize", d.maximize),
+                },
             };
             finish(vars, cfg, tensor_path)
         }
@@ -176,7 +179,9 @@ fn optimizers_match_pytorch_trajectories() {
         .as_array()
         .expect("index.json: `optimizers` list");
     assert!(!cases.is_empty(), "no optimizer cases in index.json");
-    let mut replayed = 0;
+    // Every (optimizer, dtype) the rules cover must have a trajectory, and
+    // every trajectory must compare each parameter after each step.
+    let mut covered = std::collections::BTreeSet::new();
     for case in cases {
         let file = case["file"].as_str().expect("case without `file`");
         let path = dir.join(file);
@@ -213,7 +218,13 @@ fn optimizers_match_pytorch_trajectories() {
                 .unwrap_or_else(|| panic!("{file}: missing `{key}`"))
                 .clone()
         };
-        for device in minibatch_data::available_devices() {
+        assert!(
+            steps > 0 && n_params > 0,
+            "{file}: no steps or no parameters"
+        );
+        let devices = minibatch_data::available_devices();
+        let mut compared = 0;
+        for device in &devices {
             for tensor_path in [false, true] {
                 let ctx = format!(
                     "{file} on {device:?} ({} path)",
@@ -221,7 +232,7 @@ fn optimizers_match_pytorch_trajectories() {
                 );
                 let vars: Vec<Var> = (0..n_params)
                     .map(|i| {
-                        Var::from_tensor(&t(format!("param.{i}.init")).to_device(&device).unwrap())
+                        Var::from_tensor(&t(format!("param.{i}.init")).to_device(device).unwrap())
                             .unwrap()
                     })
                     .collect();
@@ -232,25 +243,37 @@ fn optimizers_match_pytorch_trajectories() {
                     for (i, v) in vars.iter().enumerate() {
                         grads.insert(
                             v.as_tensor(),
-                            t(format!("grad.{k}.{i}")).to_device(&device).unwrap(),
+                            t(format!("grad.{k}.{i}")).to_device(device).unwrap(),
                         );
                     }
                     opt.step(&grads)
                         .unwrap_or_else(|e| panic!("{ctx}: step {k}: {e}"));
                     for (i, v) in vars.iter().enumerate() {
                         let want = t(format!("param.{i}.after.{k}"));
-                        common::assert_close(
-                            &format!("{ctx}: param {i} after step {k}"),
+                        assert_close(
                             v.as_tensor(),
                             &want,
-                            rtol,
-                            atol,
+                            Tol::new(atol, rtol),
+                            &format!("{ctx}: param {i} after step {k}"),
                         );
+                        compared += 1;
                     }
                 }
             }
         }
-        replayed += 1;
+        assert_eq!(
+            compared,
+            devices.len() * 2 * steps * n_params,
+            "{file}: not every parameter was compared after every step"
+        );
+        covered.insert((class.to_string(), dtype.as_str().unwrap_or("?").to_string()));
     }
-    assert_eq!(replayed, cases.len());
+    for class in ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad"] {
+        for dtype in ["f32", "f64"] {
+            assert!(
+                covered.contains(&(class.to_string(), dtype.to_string())),
+                "index.json has no {class} {dtype} trajectory"
+            );
+        }
+    }
 }

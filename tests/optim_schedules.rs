@@ -16,14 +16,14 @@ mod common;
 use candle_core::{Device, Var};
 use minibatch_optim::schedule::from_pytorch;
 use minibatch_optim::{CosineAnnealingLR, LinearLR, LrScheduler, Optimizer, SequentialLR, Sgd};
+use minibatch_testkit::{assert_close_slice, Tol};
 
 fn sgd(lr: f64) -> Sgd {
     Sgd::minibatch_gd(vec![Var::new(&[0f32], &Device::Cpu).unwrap()], lr).unwrap()
 }
 
-fn close(a: f64, b: f64) -> bool {
-    (a - b).abs() <= 1e-12 * b.abs() + 1e-15
-}
+/// `|got − PyTorch| ≤ 1e-15 + 1e-12 · |PyTorch|`.
+const TOL: Tol = Tol::new(1e-15, 1e-12);
 
 #[test]
 fn schedules_match_pytorch() {
@@ -51,7 +51,7 @@ fn schedules_match_pytorch() {
         for (e, &w) in want.iter().enumerate() {
             let got = opt.learning_rate();
             assert!(
-                close(got, w),
+                TOL.accepts(got, w),
                 "{name} ({class}) epoch {e}: lr {got:e}, PyTorch {w:e}"
             );
             match &metric {
@@ -165,9 +165,7 @@ fn sequential_warmup_then_cosine() {
         cosv(3.0),
         cosv(4.0),
     ];
-    for (g, w) in lrs.iter().zip(want) {
-        assert!((g - w).abs() < 1e-12, "{lrs:?} vs {want:?}");
-    }
+    assert_close_slice(&lrs, &want, Tol::abs(1e-12).strict(), "lrs");
 }
 
 /// PyTorch: groups with lr 0.1 and 0.01 under `StepLR(step_size=1,

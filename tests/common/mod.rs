@@ -3,8 +3,6 @@
 
 use std::path::PathBuf;
 
-use candle_core::{DType, Tensor};
-
 /// The directory of PyTorch reference trajectories the parity tests replay.
 ///
 /// `MINIBATCH_REFERENCE_DIR` points the tests at another directory of the same
@@ -28,24 +26,4 @@ pub fn reference_index() -> serde_json::Value {
 /// The MNIST directory committed with the project.
 pub fn mnist_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/mnist")
-}
-
-/// Asserts that `got` equals `want` element by element within
-/// `rtol * |want| + atol` (compared in f64), naming `what` and the index.
-pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, rtol: f64, atol: f64) {
-    let values = |t: &Tensor| -> Vec<f64> {
-        t.to_dtype(DType::F64)
-            .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1())
-            .unwrap_or_else(|e| panic!("{what}: cannot read tensor: {e}"))
-    };
-    let (got, want) = (values(got), values(want));
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    for (j, (g, w)) in got.iter().zip(&want).enumerate() {
-        assert!(
-            (g - w).abs() <= rtol * w.abs() + atol,
-            "{what}[{j}]: got {g:e}, PyTorch {w:e} (diff {:e})",
-            (g - w).abs()
-        );
-    }
 }

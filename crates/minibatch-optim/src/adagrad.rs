@@ -4,6 +4,7 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::error::check_non_negative;
+use crate::grad_term::{grad_term, GradTerm};
 use crate::{Float, GenericOptimizer, ParamStep, Result, UpdateRule};
 
 /// Hyperparameters of [`Adagrad`] (`torch.optim.Adagrad` names and defaults).
@@ -94,13 +95,10 @@ impl UpdateRule for AdagradConfig {
         let clr = self.lr / (1.0 + (step.t as f64 - 1.0) * self.lr_decay);
         let neg_clr = F::from_f64(-clr);
         let eps = F::from_f64(self.eps);
-        let wd = F::from_f64(self.weight_decay);
+        let term = GradTerm::<F>::new(self.maximize, self.weight_decay);
         let sum = &mut *state[0];
         for j in 0..param.len() {
-            let mut g = if self.maximize { -grad[j] } else { grad[j] };
-            if self.weight_decay != 0.0 {
-                g += wd * param[j];
-            }
+            let g = term.apply(grad[j], param[j]);
             sum[j] += F::ONE * g * g;
             let std = sum[j].sqrt() + eps;
             param[j] += neg_clr * g / std;
@@ -115,14 +113,7 @@ impl UpdateRule for AdagradConfig {
         state: &mut [Tensor],
     ) -> Result<Option<Tensor>> {
         let clr = self.lr / (1.0 + (step.t as f64 - 1.0) * self.lr_decay);
-        let mut g = if self.maximize {
-            grad.neg()?
-        } else {
-            grad.clone()
-        };
-        if self.weight_decay != 0.0 {
-            g = (g + param.affine(self.weight_decay, 0.0)?)?;
-        }
+        let g = grad_term(grad, param, self.maximize, self.weight_decay)?;
         let sum = (&state[0] + g.sqr()?)?;
         let std = sum.sqrt()?.affine(1.0, self.eps)?;
         let new = (param + g.affine(-clr, 0.0)?.div(&std)?)?;

@@ -5,9 +5,14 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{check_non_negative, check_unit};
+use crate::grad_term::{grad_term, GradTerm};
 use crate::{Float, GenericOptimizer, ParamStep, Result, UpdateRule};
 
 /// Hyperparameters of [`Adam`] (`torch.optim.Adam` names and defaults).
+///
+/// Adam: Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR
+/// 2015 (<https://arxiv.org/abs/1412.6980>); AMSGrad: Reddi, Kale & Kumar,
+/// "On the Convergence of Adam and Beyond", ICLR 2018.
 ///
 /// With gradient `g`, parameter `θ`, moments `m`, `v`, at step `t`:
 ///
@@ -145,14 +150,13 @@ pub(crate) fn adam_update<F: Float>(
     }
     let mut vmax = rest.first_mut().map(|s| &mut **s);
     let n = param.len();
+    // The L2 term only without decoupled decay, which scales θ instead.
+    let term = GradTerm::<F>::new(c.maximize, if coupled { c.weight_decay } else { 0.0 });
     for j in 0..n {
-        let mut g = if c.maximize { -grad[j] } else { grad[j] };
         if decouple {
             param[j] *= decay;
         }
-        if coupled {
-            g += wd * param[j];
-        }
+        let g = term.apply(grad[j], param[j]);
         m[j] = lerp(m[j], g, w1f, w1_small, w1c);
         v[j] = v[j] * b2 + w2 * g * g;
         let vv = match vmax.as_deref_mut() {
@@ -226,14 +230,8 @@ pub(crate) fn adam_update_tensors(
     if decoupled && c.weight_decay != 0.0 {
         p = p.affine(1.0 - c.lr * c.weight_decay, 0.0)?;
     }
-    let mut g = if c.maximize {
-        grad.neg()?
-    } else {
-        grad.clone()
-    };
-    if !decoupled && c.weight_decay != 0.0 {
-        g = (g + p.affine(c.weight_decay, 0.0)?)?;
-    }
+    let l2 = if decoupled { 0.0 } else { c.weight_decay };
+    let g = grad_term(grad, &p, c.maximize, l2)?;
     let m = (&state[0] + (&g - &state[0])?.affine(1.0 - c.beta1, 0.0)?)?;
     let v = (state[1].affine(c.beta2, 0.0)? + g.affine(1.0 - c.beta2, 0.0)?.mul(&g)?)?;
     let vv = if c.amsgrad {

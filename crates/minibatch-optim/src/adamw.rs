@@ -7,54 +7,42 @@ use crate::adam::{adam_state_names, adam_update, adam_update_tensors, validate_a
 use crate::{AdamConfig, Float, GenericOptimizer, ParamStep, Result, UpdateRule};
 
 /// Hyperparameters of [`AdamW`] (`torch.optim.AdamW` names and defaults:
-/// note `weight_decay` defaults to 0.01).
+/// note `weight_decay` defaults to 0.01): an [`AdamConfig`] whose
+/// `weight_decay` is decoupled.
 ///
-/// Each step first decays the parameter, `θ ← θ · (1 − lr · weight_decay)`,
+/// AdamW: Loshchilov & Hutter, "Decoupled Weight Decay Regularization",
+/// ICLR 2019 (<https://arxiv.org/abs/1711.05101>). Each step first decays the parameter,
+///
+/// ```text
+/// θ ← θ · (1 − lr · weight_decay)
+/// ```
+///
 /// then applies the [`AdamConfig`] update without any L2 term.
 ///
 /// State: `exp_avg`, `exp_avg_sq` (and `max_exp_avg_sq` with amsgrad).
+///
+/// Serialises as its `AdamConfig` (the same fields, so saved states keep
+/// their format).
+///
+/// ```
+/// use minibatch_optim::{AdamConfig, AdamWConfig};
+/// let c = AdamWConfig { adam: AdamConfig { lr: 3e-4, ..AdamWConfig::default().adam } };
+/// assert_eq!((c.adam.lr, c.adam.weight_decay), (3e-4, 0.01));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
 pub struct AdamWConfig {
-    /// Learning rate.
-    pub lr: f64,
-    /// β₁ (PyTorch `betas[0]`).
-    pub beta1: f64,
-    /// β₂ (PyTorch `betas[1]`).
-    pub beta2: f64,
-    /// Added to the denominator.
-    pub eps: f64,
-    /// Decoupled weight decay.
-    pub weight_decay: f64,
-    /// Use the AMSGrad variant.
-    pub amsgrad: bool,
-    /// Maximise the objective.
-    pub maximize: bool,
+    /// The Adam hyperparameters; `weight_decay` is the decoupled decay.
+    pub adam: AdamConfig,
 }
 
 impl Default for AdamWConfig {
     fn default() -> Self {
         Self {
-            lr: 1e-3,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 1e-2,
-            amsgrad: false,
-            maximize: false,
-        }
-    }
-}
-
-impl AdamWConfig {
-    fn as_adam(&self) -> AdamConfig {
-        AdamConfig {
-            lr: self.lr,
-            beta1: self.beta1,
-            beta2: self.beta2,
-            eps: self.eps,
-            weight_decay: self.weight_decay,
-            amsgrad: self.amsgrad,
-            maximize: self.maximize,
+            adam: AdamConfig {
+                weight_decay: 1e-2,
+                ..AdamConfig::default()
+            },
         }
     }
 }
@@ -63,10 +51,10 @@ impl AdamWConfig {
 ///
 /// ```
 /// use candle_core::{Device, Var};
-/// use minibatch_optim::{AdamW, AdamWConfig, Optimizer};
+/// use minibatch_optim::{AdamConfig, AdamW, AdamWConfig, Optimizer};
 /// # fn main() -> minibatch_optim::Result<()> {
 /// let w = Var::new(&[1.0f32, 2.0], &Device::Cpu)?;
-/// let mut opt = AdamW::new(vec![w.clone()], AdamWConfig { lr: 0.05, ..Default::default() })?;
+/// let mut opt = AdamW::new(vec![w.clone()], AdamWConfig { adam: AdamConfig { lr: 0.05, ..AdamWConfig::default().adam } })?;
 /// opt.backward_step(&w.as_tensor().sqr()?.sum_all()?)?;
 /// assert_eq!(opt.name(), "AdamW");
 /// # Ok(()) }
@@ -77,20 +65,20 @@ impl UpdateRule for AdamWConfig {
     const KIND: &'static str = "AdamW";
 
     fn lr_mut(&mut self) -> &mut f64 {
-        &mut self.lr
+        &mut self.adam.lr
     }
 
     /// `beta1` (PyTorch `betas[0]`), cycled by `OneCycleLR`.
     fn momentum_mut(&mut self) -> Option<&mut f64> {
-        Some(&mut self.beta1)
+        Some(&mut self.adam.beta1)
     }
 
     fn validate(&self) -> Result<()> {
-        validate_adam(&self.as_adam())
+        validate_adam(&self.adam)
     }
 
     fn state_names(&self) -> &'static [&'static str] {
-        adam_state_names(&self.as_adam())
+        adam_state_names(&self.adam)
     }
 
     fn update<F: Float>(
@@ -100,7 +88,7 @@ impl UpdateRule for AdamWConfig {
         grad: &[F],
         state: &mut [&mut [F]],
     ) {
-        adam_update(&self.as_adam(), true, step.t, param, grad, state)
+        adam_update(&self.adam, true, step.t, param, grad, state)
     }
 
     fn update_tensors(
@@ -110,6 +98,6 @@ impl UpdateRule for AdamWConfig {
         grad: &Tensor,
         state: &mut [Tensor],
     ) -> Result<Option<Tensor>> {
-        adam_update_tensors(&self.as_adam(), true, step.t, param, grad, state).map(Some)
+        adam_update_tensors(&self.adam, true, step.t, param, grad, state).map(Some)
     }
 }

@@ -108,6 +108,7 @@ struct Shared<P, S> {
 // SAFETY: the pointers are only dereferenced on disjoint ranges (one per task)
 // while the owning slices are mutably borrowed by `drive`.
 unsafe impl<P: Send, S: Send> Send for Shared<P, S> {}
+// SAFETY: as for `Send`: the tasks that share it write disjoint ranges only.
 unsafe impl<P: Sync, S: Sync> Sync for Shared<P, S> {}
 
 /// Runs `body` over `[0, n)` in chunks, on candle's CPU thread pool for

@@ -118,6 +118,7 @@ mod clip;
 mod error;
 mod float;
 mod generic;
+mod grad_term;
 mod group;
 mod kernel;
 mod optimizer;

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::adam::lerp;
 use crate::error::check_non_negative;
+use crate::grad_term::{grad_term, GradTerm};
 use crate::{Float, GenericOptimizer, ParamStep, Result, UpdateRule};
 
 /// Hyperparameters of [`RmsProp`] (`torch.optim.RMSprop` names and defaults).
@@ -109,7 +110,7 @@ impl UpdateRule for RmsPropConfig {
         let w = 1.0 - self.alpha;
         let (w_small, wf, wc) = (w < 0.5, F::from_f64(w), F::from_f64(1.0 - w));
         let eps = F::from_f64(self.eps);
-        let wd = F::from_f64(self.weight_decay);
+        let term = GradTerm::<F>::new(self.maximize, self.weight_decay);
         let mom = F::from_f64(self.momentum);
         let use_mom = self.momentum > 0.0;
         let (sq, rest) = state.split_at_mut(1);
@@ -126,10 +127,7 @@ impl UpdateRule for RmsPropConfig {
             None
         };
         for j in 0..param.len() {
-            let mut g = if self.maximize { -grad[j] } else { grad[j] };
-            if self.weight_decay != 0.0 {
-                g += wd * param[j];
-            }
+            let g = term.apply(grad[j], param[j]);
             sq[j] = sq[j] * alpha + wf * g * g;
             let avg = match gavg.as_deref_mut() {
                 Some(ga) => {
@@ -155,14 +153,7 @@ impl UpdateRule for RmsPropConfig {
         grad: &Tensor,
         state: &mut [Tensor],
     ) -> Result<Option<Tensor>> {
-        let mut g = if self.maximize {
-            grad.neg()?
-        } else {
-            grad.clone()
-        };
-        if self.weight_decay != 0.0 {
-            g = (g + param.affine(self.weight_decay, 0.0)?)?;
-        }
+        let g = grad_term(grad, param, self.maximize, self.weight_decay)?;
         let w = 1.0 - self.alpha;
         let sq = (state[0].affine(self.alpha, 0.0)? + g.affine(w, 0.0)?.mul(&g)?)?;
         let mut k = 1;

@@ -5,6 +5,7 @@ use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::error::check_non_negative;
+use crate::grad_term::{grad_term, GradTerm};
 use crate::{Float, GenericOptimizer, OptimError, ParamStep, Result, UpdateRule};
 
 /// Hyperparameters of [`Sgd`] (PyTorch's `torch.optim.SGD` keyword names and
@@ -20,6 +21,10 @@ use crate::{Float, GenericOptimizer, OptimError, ParamStep, Result, UpdateRule};
 /// g ← g + momentum · b  if nesterov,  else g ← b           (if momentum ≠ 0)
 /// θ ← θ − lr · g
 /// ```
+///
+/// Nesterov momentum in this form: Sutskever, Martens, Dahl & Hinton, "On
+/// the importance of initialization and momentum in deep learning", ICML
+/// 2013 (PyTorch's formulation, with the look-ahead folded into `g`).
 ///
 /// State: `momentum_buffer` (only when `momentum ≠ 0`). It is new on a
 /// parameter's first step, and on the first step after momentum was switched
@@ -96,15 +101,11 @@ fn sgd_momentum<F: Float, const NESTEROV: bool, const FIRST: bool>(
     let neg_lr = F::from_f64(-c.lr);
     let mom = F::from_f64(c.momentum);
     let damp = F::from_f64(1.0 - c.dampening);
-    let wd = F::from_f64(c.weight_decay);
-    let (max, decay) = (c.maximize, c.weight_decay != 0.0);
+    let term = GradTerm::<F>::new(c.maximize, c.weight_decay);
     let n = param.len();
     let (param, grad, buf) = (&mut param[..n], &grad[..n], &mut buf[..n]);
     for j in 0..n {
-        let mut d = if max { -grad[j] } else { grad[j] };
-        if decay {
-            d += wd * param[j];
-        }
+        let d = term.apply(grad[j], param[j]);
         let b = if FIRST { d } else { buf[j] * mom + damp * d };
         buf[j] = b;
         let u = if NESTEROV { d + mom * b } else { b };
@@ -162,14 +163,9 @@ impl UpdateRule for SgdConfig {
     ) {
         if self.momentum == 0.0 {
             let neg_lr = F::from_f64(-self.lr);
-            let wd = F::from_f64(self.weight_decay);
-            let (max, decay) = (self.maximize, self.weight_decay != 0.0);
+            let term = GradTerm::<F>::new(self.maximize, self.weight_decay);
             for (p, &g) in param.iter_mut().zip(grad) {
-                let mut d = if max { -g } else { g };
-                if decay {
-                    d += wd * *p;
-                }
-                *p += neg_lr * d;
+                *p += neg_lr * term.apply(g, *p);
             }
             return;
         }
@@ -189,14 +185,7 @@ impl UpdateRule for SgdConfig {
         grad: &Tensor,
         state: &mut [Tensor],
     ) -> Result<Option<Tensor>> {
-        let mut d = if self.maximize {
-            grad.neg()?
-        } else {
-            grad.clone()
-        };
-        if self.weight_decay != 0.0 {
-            d = (d + param.affine(self.weight_decay, 0.0)?)?;
-        }
+        let mut d = grad_term(grad, param, self.maximize, self.weight_decay)?;
         if self.momentum != 0.0 {
             let b = if step.is_new(0) {
                 d.clone()

@@ -9,6 +9,7 @@ use minibatch_optim::{
     Adam, AdamConfig, GenericOptimizer, OptimError, Optimizer, RmsProp, RmsPropConfig, Sgd,
     SgdConfig, UpdateRule,
 };
+use minibatch_testkit::{assert_close_slice, Tol};
 
 /// The gradients fed at each step (the same in the PyTorch script below).
 const GRADS: [[f64; 3]; 5] = [
@@ -33,14 +34,8 @@ fn values(v: &Var) -> Vec<f64> {
     v.as_tensor().to_vec1().unwrap()
 }
 
-fn assert_close(got: &[f64], want: &[f64], what: &str) {
-    for (g, w) in got.iter().zip(want) {
-        assert!(
-            (g - w).abs() <= 1e-14 * w.abs().max(1.0),
-            "{what}: {got:?} vs PyTorch {want:?}"
-        );
-    }
-}
+/// The tolerance against PyTorch's float64 values: `1e-14 · max(|want|, 1)`.
+const TOL: Tol = Tol::rel(1e-14).floor(1.0);
 
 /// Runs five steps of `opt` over `v`, calling `switch` before the third, and
 /// returns the parameter after each step.
@@ -124,9 +119,12 @@ fn sgd_momentum_switched_on_after_steps_matches_pytorch() {
                     .unwrap()
                     .is_none());
             });
-            for (i, (g, w)) in got.iter().zip(&TORCH_SGD).enumerate() {
-                assert_close(g, w, &format!("SGD step {i} tensor_path={tensor_path}"));
-            }
+            assert_close_slice(
+                &got.concat(),
+                &TORCH_SGD.concat(),
+                TOL,
+                &format!("SGD, 3 values a step, tensor_path={tensor_path}"),
+            );
         }
     }
 }
@@ -142,9 +140,12 @@ fn rmsprop_momentum_switched_on_after_steps_starts_from_zero() {
         let mut opt = RmsProp::new(vec![v.clone()], cfg).unwrap();
         opt.set_tensor_path(tensor_path);
         let got = run(opt, &v, |o| o.set_momentum(0, 0.9).unwrap());
-        for (i, (g, w)) in got.iter().zip(&TORCH_RMSPROP).enumerate() {
-            assert_close(g, w, &format!("RMSprop step {i} tensor_path={tensor_path}"));
-        }
+        assert_close_slice(
+            &got.concat(),
+            &TORCH_RMSPROP.concat(),
+            TOL,
+            &format!("RMSprop, 3 values a step, tensor_path={tensor_path}"),
+        );
     }
 }
 

@@ -6,6 +6,10 @@ use crate::{OptimError, Optimizer, Result};
 /// steps (`torch.optim.lr_scheduler.CosineAnnealingLR`):
 /// `lr(e) = eta_min + (base − eta_min)(1 + cos(π e / t_max)) / 2`
 /// (past `t_max` the cosine continues, rising again, as in PyTorch).
+///
+/// The cosine schedule of SGDR without its restarts: Loshchilov & Hutter,
+/// "SGDR: Stochastic Gradient Descent with Warm Restarts", ICLR 2017
+/// (<https://arxiv.org/abs/1608.03983>).
 #[derive(Debug, Clone)]
 pub struct CosineAnnealingLR {
     core: Core,

@@ -7,6 +7,9 @@ use crate::{OptimError, Optimizer, Result};
 /// `lr = eta_min + (base − eta_min)(1 + cos(π T_cur / T_i)) / 2`, where
 /// `T_cur` counts steps since the last restart and the period `T_i` starts at
 /// `T_0` and is multiplied by `T_mult` at each restart.
+///
+/// SGDR: Loshchilov & Hutter, "SGDR: Stochastic Gradient Descent with Warm
+/// Restarts", ICLR 2017 (<https://arxiv.org/abs/1608.03983>).
 #[derive(Debug, Clone)]
 pub struct CosineAnnealingWarmRestarts {
     core: Core,

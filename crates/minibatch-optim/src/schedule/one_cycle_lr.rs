@@ -48,8 +48,10 @@ impl Default for OneCycleOptions {
     }
 }
 
-/// The 1cycle policy (`torch.optim.lr_scheduler.OneCycleLR`), stepped once
-/// per batch: warm up from `max_lr / div_factor` to `max_lr` over
+/// The 1cycle policy (`torch.optim.lr_scheduler.OneCycleLR`) of Smith &
+/// Topin, "Super-Convergence: Very Fast Training of Neural Networks Using
+/// Large Learning Rates", 2019 (<https://arxiv.org/abs/1708.07120>), stepped
+/// once per batch: warm up from `max_lr / div_factor` to `max_lr` over
 /// `pct_start · total_steps` steps, then anneal to
 /// `max_lr / (div_factor · final_div_factor)` (with `three_phase`, go back down
 /// to the initial lr first). The optimizer's own lr is ignored. Stepping more
