@@ -1,11 +1,11 @@
 //! The `Dataset` trait.
 
+use std::any::Any;
 use std::sync::Arc;
 
 use crate::batch::{Batch, Sample};
 use crate::collate::collate;
 use crate::error::{DataError, Result};
-use crate::stream::StreamDataset;
 
 /// A finite, indexable collection of samples (PyTorch's map-style `Dataset`).
 ///
@@ -56,9 +56,11 @@ pub trait Dataset: Send + Sync {
     /// The stream behind this dataset, if it is one: the
     /// [`DataLoader`](crate::DataLoader) reads such a dataset in order
     /// (interleaving its shards through a shuffle buffer) instead of indexing
-    /// it. Only [`StreamDataset`] (and `Arc`s of one) return `Some`; the
-    /// default is `None`.
-    fn as_stream(&self) -> Option<&StreamDataset> {
+    /// it. Only [`StreamDataset`](crate::StreamDataset) (and `Arc`s of one)
+    /// return `Some`, the stream itself; the default is `None`. The stream is
+    /// type-erased so that this trait depends on no dataset of its own:
+    /// `StreamDataset` implements `Dataset`, not the other way round.
+    fn as_stream(&self) -> Option<&dyn Any> {
         None
     }
 }
@@ -85,36 +87,9 @@ impl<D: Dataset + ?Sized> Dataset for Arc<D> {
     fn is_in_memory(&self) -> bool {
         (**self).is_in_memory()
     }
-    fn as_stream(&self) -> Option<&StreamDataset> {
+    fn as_stream(&self) -> Option<&dyn Any> {
         (**self).as_stream()
     }
-}
-
-/// A stream is read in order by the [`DataLoader`](crate::DataLoader); it has
-/// no random access. `len` is this rank's number of items; `get` and
-/// `get_batch` are [`DataError::NotIndexable`] (as PyTorch's
-/// `IterableDataset.__getitem__` raises), which is also what wrappers that
-/// index (`Subset`, `Map`, ...) get when put around a stream.
-impl Dataset for StreamDataset {
-    fn len(&self) -> usize {
-        self.rank_len()
-    }
-    fn get(&self, index: usize) -> Result<Sample> {
-        Err(not_indexable(&[index]))
-    }
-    fn get_batch(&self, indices: &[usize]) -> Result<Batch> {
-        Err(not_indexable(indices))
-    }
-    fn as_stream(&self) -> Option<&StreamDataset> {
-        Some(self)
-    }
-}
-
-fn not_indexable(indices: &[usize]) -> DataError {
-    DataError::NotIndexable(format!(
-        "a StreamDataset is read in order, so it cannot return items {indices:?}; \
-         give it to DataLoader::builder directly and transform items in its shard iterators"
-    ))
 }
 
 /// `Ok(())` when `index < len`, else [`DataError::IndexOutOfRange`].

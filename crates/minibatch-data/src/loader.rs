@@ -403,7 +403,11 @@ impl DataLoaderBuilder {
             ));
         }
         let n = self.dataset.len();
-        let stream = self.dataset.as_stream().cloned();
+        let stream = self
+            .dataset
+            .as_stream()
+            .and_then(|s| s.downcast_ref::<StreamDataset>())
+            .cloned();
         if stream.is_some() && self.sampler.is_some() {
             return Err(DataError::InvalidConfig(
                 "a StreamDataset is read in order and cannot take a sampler; use shuffle(seed) \

@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use crate::batch::Sample;
+use crate::batch::{Batch, Sample};
+use crate::dataset::Dataset;
 use crate::error::{DataError, Result};
 use crate::rng::{derive_rng, fisher_yates};
 use crate::stream_order::{RoundRobin, ShuffleBuffer};
@@ -329,6 +330,33 @@ impl StreamDataset {
     pub(crate) fn rank_len(&self) -> usize {
         self.len
     }
+}
+
+/// A stream is read in order by the [`DataLoader`](crate::DataLoader); it has
+/// no random access. `len` is this rank's number of items; `get` and
+/// `get_batch` are [`DataError::NotIndexable`] (as PyTorch's
+/// `IterableDataset.__getitem__` raises), which is also what wrappers that
+/// index (`Subset`, `Map`, ...) get when put around a stream.
+impl Dataset for StreamDataset {
+    fn len(&self) -> usize {
+        self.rank_len()
+    }
+    fn get(&self, index: usize) -> Result<Sample> {
+        Err(not_indexable(&[index]))
+    }
+    fn get_batch(&self, indices: &[usize]) -> Result<Batch> {
+        Err(not_indexable(indices))
+    }
+    fn as_stream(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+}
+
+fn not_indexable(indices: &[usize]) -> DataError {
+    DataError::NotIndexable(format!(
+        "a StreamDataset is read in order, so it cannot return items {indices:?}; \
+         give it to DataLoader::builder directly and transform items in its shard iterators"
+    ))
 }
 
 impl std::fmt::Debug for StreamDataset {
