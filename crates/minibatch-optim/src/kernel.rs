@@ -174,6 +174,17 @@ where
     });
 }
 
+/// Runs `body` over matching chunks of `dst` and `src` (same length), on
+/// candle's CPU pool for large tensors: the averaged weights' in-place pass.
+pub(crate) fn drive_pair<P, B>(dst: &mut [P], src: &[P], body: B)
+where
+    P: Send + Sync,
+    B: Fn(&mut [P], &[P]) + Sync,
+{
+    let mut no_state: [Vec<P>; 0] = [];
+    drive(dst, src, &mut no_state, |d, s, _| body(d, s));
+}
+
 /// f32 / f64 parameters: the rule runs directly on the storage.
 pub(crate) fn run_native<R: UpdateRule, F: Float>(
     rule: &R,

@@ -114,6 +114,7 @@ mod adagrad;
 mod adam;
 mod adamw;
 mod atomic;
+mod averaged;
 mod clip;
 mod error;
 mod float;
@@ -125,6 +126,7 @@ mod optimizer;
 mod rmsprop;
 mod rule;
 pub mod schedule;
+mod select;
 mod sgd;
 mod varmap;
 
@@ -133,6 +135,7 @@ pub use adagrad::{Adagrad, AdagradConfig};
 pub use adam::{Adam, AdamConfig};
 pub use adamw::{AdamW, AdamWConfig};
 pub use atomic::{sync_dir, write_atomic};
+pub use averaged::{AveragedModel, Averaging};
 pub use clip::{clip_grad_norm, clip_grad_norm_with, clip_grad_value, Norm};
 pub use error::{check_non_negative, check_unit, OptimError, Result};
 pub use float::Float;
@@ -144,6 +147,8 @@ pub use rule::{ParamStep, UpdateRule, MAX_STATE_BUFFERS};
 pub use schedule::{
     CosineAnnealing, CosineAnnealingLR, CosineAnnealingWarmRestarts, ExponentialLR, LinearLR,
     LrScheduler, MultiStepLR, OneCycleLR, OneCycleOptions, ReduceLROnPlateau, SequentialLR, StepLR,
+    SwaAnneal, SWALR,
 };
+pub use select::{name_matches, select, select_except, vars_of};
 pub use sgd::{Sgd, SgdConfig};
 pub use varmap::varmap_vars;

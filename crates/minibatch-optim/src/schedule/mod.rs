@@ -22,6 +22,7 @@ mod pytorch;
 mod reduce_lr_on_plateau;
 mod sequential_lr;
 mod step_lr;
+mod swalr;
 
 pub use cosine_annealing_lr::{CosineAnnealing, CosineAnnealingLR};
 pub use cosine_annealing_warm_restarts::CosineAnnealingWarmRestarts;
@@ -33,6 +34,7 @@ pub use pytorch::from_pytorch;
 pub use reduce_lr_on_plateau::{PlateauMode, ReduceLROnPlateau, ThresholdMode};
 pub use sequential_lr::SequentialLR;
 pub use step_lr::StepLR;
+pub use swalr::{SwaAnneal, SWALR};
 
 use crate::{check_non_negative, OptimError, Optimizer, Result};
 

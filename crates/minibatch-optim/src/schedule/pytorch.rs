@@ -71,7 +71,8 @@ impl Kwargs<'_> {
 /// defaults for the arguments left out. Unknown classes or keyword arguments
 /// are errors naming them. Supported: StepLR, MultiStepLR, ExponentialLR,
 /// CosineAnnealingLR, LinearLR, OneCycleLR, CosineAnnealingWarmRestarts,
-/// ReduceLROnPlateau (SequentialLR takes schedules: build it directly).
+/// ReduceLROnPlateau, SWALR (`torch.optim.swa_utils.SWALR`; `swa_lr` a
+/// number or a list per group) (SequentialLR takes schedules: build it directly).
 pub fn from_pytorch(
     opt: &mut dyn Optimizer,
     class: &str,
@@ -199,6 +200,28 @@ pub fn from_pytorch(
             Box::new(ReduceLROnPlateau::with_options(
                 opt, mode, factor, patience, threshold, tmode, cooldown, min_lr, eps,
             )?)
+        }
+        "SWALR" => {
+            let swa_lr: Vec<f64> = match k.map.remove("swa_lr") {
+                Some(Value::Number(n)) => {
+                    vec![n.as_f64().ok_or_else(|| k.bad("swa_lr", "a number"))?]
+                }
+                Some(v) => serde_json::from_value(v)
+                    .map_err(|_| k.bad("swa_lr", "a number or a list of numbers"))?,
+                None => return Err(OptimError::InvalidSetup("SWALR: missing `swa_lr`".into())),
+            };
+            let epochs = k.u64("anneal_epochs", Some(10))?;
+            let anneal = match k.string("anneal_strategy", "cos")?.as_str() {
+                "cos" => SwaAnneal::Cos,
+                "linear" => SwaAnneal::Linear,
+                other => {
+                    return Err(OptimError::InvalidSetup(format!(
+                        "SWALR: anneal_strategy must be `cos` or `linear`, got `{other}`"
+                    )))
+                }
+            };
+            k.finish()?;
+            Box::new(SWALR::new(opt, &swa_lr, epochs, anneal)?)
         }
         other => {
             return Err(OptimError::InvalidSetup(format!(
