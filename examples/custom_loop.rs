@@ -1,17 +1,17 @@
 //! Your own training loop from minibatch's pieces: a seeded DataLoader, an
 //! optimizer, gradient clipping and a per-step OneCycle schedule, the
 //! trainer's gradient guard (`params_without_grad`) at the first step, and
-//! `minibatch_train::evaluate` for the test set. No Trainer involved.
+//! `minibatch::train::evaluate` for the test set. No Trainer involved.
 //!
 //! `cargo run --release --example custom_loop`
 
 use anyhow::Result;
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{VarBuilder, VarMap};
-use minibatch_data::{mnist, DataLoader, Dataset, Subset};
-use minibatch_nn::linear;
-use minibatch_optim::{clip_grad_norm, LrScheduler, Norm, OneCycleLR, Optimizer, Sgd, SgdConfig};
-use minibatch_train::{cross_entropy, evaluate, params_without_grad, Accuracy, Metric};
+use candle_nn::VarMap;
+use minibatch::data::{mnist, DataLoader, Dataset, Subset};
+use minibatch::nn::{linear, seeded_var_builder};
+use minibatch::optim::{clip_grad_norm, LrScheduler, Norm, OneCycleLR, Optimizer, Sgd, SgdConfig};
+use minibatch::train::{cross_entropy, evaluate, params_without_grad, Accuracy, Metric};
 use std::sync::Arc;
 
 fn main() -> Result<()> {
@@ -26,7 +26,7 @@ fn main() -> Result<()> {
     let test_loader = DataLoader::builder(test).batch_size(1000).build()?;
 
     let vm = VarMap::new();
-    let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+    let vb = seeded_var_builder(&vm, 7, DType::F32, &dev); // seeded initial weights
     let (fc1, fc2) = (
         linear(784, 128, vb.pp("fc1"))?,
         linear(128, 10, vb.pp("fc2"))?,
@@ -70,8 +70,7 @@ fn main() -> Result<()> {
         let mut metrics: Vec<Box<dyn Metric>> = vec![Box::new(Accuracy::default())];
         let ev = evaluate(&model, &test_loader, &cross_entropy, &mut metrics)?;
         println!(
-            "epoch {}: train loss {:.4} (largest grad norm {max_norm:.2}), test loss {:.4}, test accuracy {:.2}%, lr now {:.2e}",
-            epoch + 1,
+            "epoch {epoch}: train loss {:.4} (largest grad norm {max_norm:.2}), test loss {:.4}, test accuracy {:.2}%, lr now {:.2e}",
             sum / n as f64,
             ev.loss,
             100.0 * ev.metrics["accuracy"],

@@ -2,14 +2,14 @@
 //! Optimization Algorithms") as one `UpdateRule`, trained on a small
 //! least-squares problem and compared with AdamW.
 //!
-//! Everything drawn is seeded (data and initial weights from ChaCha8), so
-//! every run prints the same figures.
+//! Everything drawn is seeded (the data from ChaCha8, the initial weights by
+//! `seeded_var_builder`), so every run prints the same figures.
 //!
 //! `cargo run --release --example custom_optimizer`
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{VarBuilder, VarMap};
-use minibatch_optim::{
+use candle_nn::VarMap;
+use minibatch::optim::{
     check_non_negative, check_unit, AdamConfig, AdamW, AdamWConfig, CosineAnnealingLR, Float,
     GenericOptimizer, LrScheduler, Optimizer, ParamStep, UpdateRule,
 };
@@ -33,7 +33,7 @@ impl UpdateRule for Lion {
     fn lr_mut(&mut self) -> &mut f64 {
         &mut self.lr
     }
-    fn validate(&self) -> minibatch_optim::Result<()> {
+    fn validate(&self) -> minibatch::optim::Result<()> {
         check_non_negative("lr", self.lr)?;
         check_unit("beta1", self.beta1)?;
         check_unit("beta2", self.beta2)?;
@@ -92,17 +92,12 @@ fn main() -> anyhow::Result<()> {
     let x = Tensor::from_vec(uniform(&mut rng, 256 * 3, 2.0), (256, 3), &dev)?;
     let w_true = Tensor::new(&[[2f32], [-3.0], [0.5]], &dev)?;
     let y = x.matmul(&w_true)?.affine(1.0, 1.0)?;
-    // One seeded starting point for both optimizers (candle's init is not seeded).
-    let bound = 1.0 / 3f32.sqrt();
-    let w0 = Tensor::from_vec(uniform(&mut rng, 3, bound), (1, 3), &dev)?;
-    let b0 = Tensor::from_vec(uniform(&mut rng, 1, bound), 1, &dev)?;
 
     for which in ["Lion", "AdamW"] {
-        let mut varmap = VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+        // the same seeded starting point for both optimizers
+        let varmap = VarMap::new();
+        let vb = minibatch::nn::seeded_var_builder(&varmap, 42, DType::F32, &dev);
         let model = candle_nn::linear(3, 1, vb.pp("fc"))?;
-        varmap.set_one("fc.weight", &w0)?;
-        varmap.set_one("fc.bias", &b0)?;
         let mut opt: Box<dyn Optimizer> = match which {
             // Lion moves each weight by at most lr per step, so the lr summed
             // over the cosine schedule (0.1 · 300 / 2 = 15) must cover the

@@ -19,12 +19,12 @@ use std::time::Instant;
 
 use anyhow::Result;
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{VarBuilder, VarMap};
-use minibatch_data::{mnist, DataLoader, Dataset, Subset};
-use minibatch_nn::linear;
-use minibatch_optim::{Sgd, SgdConfig};
-use minibatch_train::plot::{plot_lines, Series};
-use minibatch_train::{Control, ProgressMode, Trainer};
+use candle_nn::VarMap;
+use minibatch::data::{mnist, DataLoader, Dataset, Subset};
+use minibatch::nn::linear;
+use minibatch::optim::{Sgd, SgdConfig};
+use minibatch::train::plot::{plot_lines, Series};
+use minibatch::train::{Control, ProgressMode, Trainer};
 
 const N: usize = 4096;
 const EPOCHS: u64 = 10;
@@ -96,10 +96,10 @@ fn main() -> Result<()> {
             .shuffle(3)
             .build()?;
         let vm = VarMap::new();
-        let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
-        // same initial weights for every run
+        let vb = minibatch::nn::seeded_var_builder(&vm, 0, DType::F32, &dev);
+        // the same initial weights (zeros) for every run, as in the lesson
         let fc = linear(784, 10, vb.pp("fc"))?;
-        for (_, v) in minibatch_optim::varmap_vars(&vm)? {
+        for (_, v) in minibatch::optim::varmap_vars(&vm)? {
             v.set(&v.zeros_like()?)?;
         }
         let peak = Rc::new(Cell::new(0usize));

@@ -59,11 +59,11 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use candle_core::{Device, IndexOp, Module, Tensor, D};
 use clap::Parser;
-use minibatch_data::{parse_device, Batch, DataLoader, TensorDataset};
-use minibatch_optim::{
+use minibatch::data::{parse_device, Batch, DataLoader, TensorDataset};
+use minibatch::optim::{
     AdamConfig, AdamW, AdamWConfig, CosineAnnealingLR, LinearLR, LrScheduler, Norm, SequentialLR,
 };
-use minibatch_train::{
+use minibatch::train::{
     Clip, Metric, Mode, ProgressMode, RunningMean, ScheduleEvery, StepOutput, TrainError, Trainer,
 };
 use model::{defaults, masked_loss, Gpt, GptConfig, Layers};
@@ -270,7 +270,7 @@ impl Metric for ExactMatch {
     fn state(&self) -> serde_json::Value {
         serde_json::to_value(self.0).unwrap_or_default()
     }
-    fn load_state(&mut self, state: &serde_json::Value) -> minibatch_train::Result<()> {
+    fn load_state(&mut self, state: &serde_json::Value) -> minibatch::train::Result<()> {
         self.0 = serde_json::from_value(state.clone())
             .map_err(|e| TrainError::Config(format!("exact_match state: {e}")))?;
         Ok(())
@@ -403,19 +403,8 @@ fn main() -> Result<()> {
     } else if a.resume {
         bail!("--resume needs --checkpoint-dir");
     }
+    // a resume prints where it resumed and what came from the checkpoint
     let mut trainer = b.build()?;
-    if a.resume {
-        let (e, batch) = trainer.position();
-        println!(
-            "resumed from {} at step {}, epoch {}, batch {batch}",
-            trainer
-                .last_checkpoint()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default(),
-            trainer.global_step(),
-            e + 1
-        );
-    }
 
     let t0 = Instant::now();
     match trainer.fit() {

@@ -16,11 +16,11 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
-use minibatch_data::csv::{self, CsvOptions};
-use minibatch_data::{DataLoader, TensorDataset};
-use minibatch_optim::{Sgd, SgdConfig};
-use minibatch_train::regressor::{self, r2_score};
-use minibatch_train::{mse, MiniBatchRegressor, ProgressMode, Trainer};
+use minibatch::data::csv::{self, CsvOptions};
+use minibatch::data::{DataLoader, TensorDataset};
+use minibatch::optim::{Sgd, SgdConfig};
+use minibatch::train::regressor::{self, r2_score};
+use minibatch::train::{mse, MiniBatchRegressor, ProgressMode, Trainer};
 use rand::{Rng, SeedableRng};
 
 /// Trains theta from zeros; returns (theta, final epoch loss).
@@ -104,7 +104,7 @@ fn diabetes() -> Result<()> {
         .map(|r| r.iter().zip(&coef).map(|(&v, c)| v as f64 * c).sum::<f64>() + intercept)
         .collect();
     let target: Vec<f64> = yte.to_vec1::<f32>()?.iter().map(|&v| v as f64).collect();
-    let ls_r2 = r2_score(&target, &pred);
+    let ls_r2 = r2_score(&target, &pred)?;
     let fmt = |c: &[f64]| {
         c.iter()
             .map(|v| format!("{v:.1}"))

@@ -15,23 +15,22 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Module, ModuleT, Tensor};
-use candle_nn::{Conv2dConfig, VarBuilder, VarMap};
+use candle_nn::{Conv2dConfig, VarMap};
 use clap::{Parser, ValueEnum};
-use minibatch_data::{mnist, parse_device, DataLoader};
-// `minibatch_nn::Conv2d`, `max_pool2d` and `relu`: im2col + gemm convolutions with a
+use minibatch::data::{mnist, parse_device, DataLoader};
+// `minibatch::nn::Conv2d`, `max_pool2d` and `relu`: im2col + gemm convolutions with a
 // fast backward pass, max pooling with PyTorch's gradient (candle's is 1/4 of it), and
 // a relu whose backward is one pass.
-use minibatch_nn::ops::{max_pool2d, relu};
-use minibatch_nn::{conv2d, Conv2d};
-// `minibatch_nn::Linear`: candle_nn::Linear's maths with a leaner backward pass.
-use minibatch_nn::{linear, Linear};
-use minibatch_optim::{
+use minibatch::nn::ops::{max_pool2d, relu};
+use minibatch::nn::{conv2d, Conv2d};
+// `minibatch::nn::Linear`: candle_nn::Linear's maths with a leaner backward pass.
+use minibatch::nn::{linear, seeded_var_builder, Linear};
+use minibatch::optim::{
     Adagrad, AdagradConfig, Adam, AdamConfig, AdamW, AdamWConfig, CosineAnnealingLR, ExponentialLR,
     LrScheduler, OneCycleLR, OneCycleOptions, Optimizer, ReduceLROnPlateau, RmsProp, RmsPropConfig,
     Sgd, SgdConfig, StepLR,
 };
-use minibatch_train::{Mode, ProgressMode, ScheduleEvery, Trainer};
-use rand::{Rng, SeedableRng};
+use minibatch::train::{Mode, ProgressMode, ScheduleEvery, Trainer};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Arch {
@@ -160,25 +159,6 @@ impl ModuleT for Net {
     }
 }
 
-/// PyTorch's default init (uniform +-1/sqrt(fan_in) for weights and biases),
-/// drawn from a seeded ChaCha8 stream so runs are reproducible.
-fn seeded_init(vm: &VarMap, seed: u64) -> Result<()> {
-    let vars = minibatch_optim::varmap_vars(vm)?; // sorted by name
-    let dims: std::collections::HashMap<&str, &[usize]> =
-        vars.iter().map(|(n, v)| (n.as_str(), v.dims())).collect();
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
-    for (name, var) in &vars {
-        let wname = name.replace(".bias", ".weight");
-        let fan_in: usize = dims[wname.as_str()][1..].iter().product();
-        let bound = 1.0 / (fan_in as f32).sqrt();
-        let vals: Vec<f32> = (0..var.elem_count())
-            .map(|_| rng.random_range(-bound..bound))
-            .collect();
-        var.set(&Tensor::from_vec(vals, var.shape(), var.device())?)?;
-    }
-    Ok(())
-}
-
 fn build_optimizer(a: &Args, vm: &VarMap, lr: f64) -> Result<Box<dyn Optimizer>> {
     let wd = a.weight_decay;
     Ok(match a.optimizer {
@@ -256,7 +236,9 @@ fn main() -> Result<()> {
     let test_loader = DataLoader::builder(test).batch_size(1000).build()?;
 
     let vm = VarMap::new();
-    let vb = VarBuilder::from_varmap(&vm, DType::F32, &device);
+    // initial weights: a pure function of (seed, parameter name), candle-nn's
+    // distributions (Kaiming normal weights, uniform ±1/√fan_in biases)
+    let vb = seeded_var_builder(&vm, a.seed, DType::F32, &device);
     let net = match a.model {
         Arch::Mlp => Net::Mlp(Mlp {
             fc1: linear(784, a.hidden, vb.pp("fc1"))?,
@@ -272,7 +254,6 @@ fn main() -> Result<()> {
             })
         }
     };
-    seeded_init(&vm, a.seed)?;
     let mut opt = build_optimizer(&a, &vm, lr)?;
     let steps_per_epoch = train_loader.len() as u64;
     let sched: Option<(Box<dyn LrScheduler>, ScheduleEvery)> = match a.schedule {
@@ -347,19 +328,8 @@ fn main() -> Result<()> {
     } else if a.resume {
         bail!("--resume needs --checkpoint-dir");
     }
+    // a resume prints where it resumed and what came from the checkpoint
     let mut trainer = b.build()?;
-    if a.resume {
-        let (e, batch) = trainer.position();
-        println!(
-            "resumed from {} at step {}, epoch {}, batch {batch}",
-            trainer
-                .last_checkpoint()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default(),
-            trainer.global_step(),
-            e + 1
-        );
-    }
     let history = trainer.fit()?;
     if let Some(last) = history.epochs.last() {
         println!(

@@ -60,13 +60,50 @@ pub use minibatch_train as train;
 /// The names most training scripts use, in one import: `use minibatch::prelude::*;`.
 ///
 /// It also brings candle's `Device`, `DType`, `Tensor`, `Var`, `Module`,
-/// `ModuleT` and `VarMap`/`VarBuilder`, so a script needs no second import for
-/// the basics. It leaves out the trainer's `Model` trait: its
+/// `ModuleT` and `VarMap`/`VarBuilder`, and [`seeded_var_builder`](crate::nn::seeded_var_builder)
+/// (seeded initial weights), so a script needs no second import for the
+/// basics. It leaves out the trainer's `Model` trait: its
 /// `forward(x, train)` would make every `layer.forward(x)` call ambiguous
 /// (`Module` and `Model` both have a `forward`); in a step, call
 /// `model.forward_t(x, train)`.
-/// The README's training examples need nothing else (this one is compiled
-/// with the docs):
+///
+/// The README's training script, as a doc test (`tests/train_readme.rs`
+/// checks that the two are the same text, so the README's copy compiles):
+///
+/// ```no_run
+/// use minibatch::prelude::*;
+///
+/// struct Mlp { fc1: Linear, fc2: Linear }
+/// impl Module for Mlp {
+///     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+///         self.fc2.forward(&self.fc1.forward(x)?.relu()?)
+///     }
+/// }
+///
+/// fn main() -> Result<(), Box<dyn std::error::Error>> {
+///     let device = parse_device("cpu")?;                         // "cuda" with --features cuda
+///     let (train, test) = mnist::load("data/mnist", &device)?;
+///     let train = DataLoader::builder(train).batch_size(64).shuffle(42).build()?;
+///     let test = DataLoader::builder(test).batch_size(1000).build()?;
+///     let varmap = VarMap::new();
+///     let vb = seeded_var_builder(&varmap, 42, DType::F32, &device); // initial weights: a function of (seed, name)
+///     let model = Mlp { fc1: linear(784, 256, vb.pp("fc1"))?, fc2: linear(256, 10, vb.pp("fc2"))? };
+///     // after the model: the optimizer takes the parameters the VarMap holds now
+///     let mut opt = Sgd::from_varmap(&varmap, SgdConfig { lr: 0.05, momentum: 0.9, ..Default::default() })?;
+///     let sched = CosineAnnealingLR::new(&mut opt, 10, 0.0)?;
+///     let mut trainer = Trainer::builder(model, varmap, train, opt)
+///         .val_loader(test)
+///         .scheduler(sched, ScheduleEvery::Epoch)
+///         .checkpoint_dir("runs/ckpt")                             // resumable to the bit
+///         .epochs(10)
+///         .build()?;
+///     trainer.fit()?;
+///     Ok(())
+/// }
+/// ```
+///
+/// The README's Training section needs nothing else either (compiled with the
+/// docs too):
 ///
 /// ```no_run
 /// use minibatch::prelude::*;
@@ -84,7 +121,7 @@ pub use minibatch_train as train;
 /// let train_loader = DataLoader::builder(train).batch_size(64).shuffle(42).build()?;
 /// let test_loader = DataLoader::builder(test).batch_size(1000).build()?;
 /// let varmap = VarMap::new();
-/// let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
+/// let vb = seeded_var_builder(&varmap, 42, DType::F32, &device);
 /// let model = Mlp { fc1: linear(784, 256, vb.pp("fc1"))?, fc2: linear(256, 10, vb.pp("fc2"))? };
 /// let mut opt = Sgd::from_varmap(&varmap, SgdConfig { lr: 0.05, momentum: 0.9, ..Default::default() })?;
 /// let sched = CosineAnnealingLR::new(&mut opt, 10, 0.0)?;
@@ -103,7 +140,7 @@ pub use minibatch_train as train;
 ///
 /// // a step over (x, y, mask) batches
 /// # let varmap = VarMap::new();
-/// # let fc = linear(3, 1, VarBuilder::from_varmap(&varmap, DType::F32, &device))?;
+/// # let fc = linear(3, 1, seeded_var_builder(&varmap, 0, DType::F32, &device))?;
 /// # let loader = DataLoader::builder(TensorDataset::new(vec![Tensor::zeros((4, 3), DType::F32, &device)?])?).build()?;
 /// # let opt = Sgd::from_varmap(&varmap, SgdConfig::default())?;
 /// let builder = Trainer::builder(fc, varmap, loader, opt).step(|model, batch: &Batch, train| {
@@ -134,8 +171,9 @@ pub mod prelude {
         UpdateRule,
     };
     pub use minibatch_train::{
-        cross_entropy, evaluate, evaluate_step, loss_step, mse, params_without_grad, Accuracy,
-        Callback, Clip, Control, EarlyStopping, EpochRecord, History, Metric, Mode, ProgressMode,
-        ScheduleEvery, StepOutput, StepRecord, Trainer, TrainerBuilder,
+        cross_entropy, evaluate, evaluate_step, loss_step, mse, params_without_grad, r2_score,
+        Accuracy, Callback, Clip, Control, EarlyStopping, EpochRecord, History, MeanAbsoluteError,
+        Metric, MiniBatchRegressor, Mode, ProgressMode, ScheduleEvery, StepOutput, StepRecord,
+        Trainer, TrainerBuilder,
     };
 }

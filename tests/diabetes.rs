@@ -41,7 +41,7 @@ fn minibatch_regressor_reaches_the_lessons_test_r2() {
         .iter()
         .map(|&v| v as f64)
         .collect();
-    let ls = r2_score(&target, &pred);
+    let ls = r2_score(&target, &pred).unwrap();
     assert!((ls - 0.4399).abs() < 5e-4, "closed-form R² {ls}");
     assert!((intercept - 151.883).abs() < 0.01, "{intercept}");
 

@@ -394,10 +394,11 @@ fn normal(rng: &mut impl Rng) -> f32 {
 }
 
 /// Builds the model's parameters in a fresh `VarMap` on `device` (`f32`),
-/// seeded.
+/// seeded: created by `seeded_var_builder` (a function of seed and name),
+/// then given GPT-2's initialisation by [`seeded_init`].
 pub fn build(cfg: GptConfig, layers: Layers, device: &Device, seed: u64) -> Result<(Gpt, VarMap)> {
     let vm = VarMap::new();
-    let vb = VarBuilder::from_varmap(&vm, DType::F32, device);
+    let vb = minibatch::nn::seeded_var_builder(&vm, seed, DType::F32, device);
     let model = Gpt::new(cfg, layers, vb)?;
     seeded_init(&vm, cfg.n_layer, seed)?;
     Ok((model, vm))

@@ -96,12 +96,23 @@ pub fn nll(inp: &Tensor, target: &Tensor) -> candle_core::Result<Tensor> {
     nll_unchecked(inp, target, b)
 }
 
-/// The mean squared error `1/N Σ (inp - target)²` over all `N` elements: a
-/// drop-in for `candle_nn::loss::mse` (PyTorch's `F.mse_loss`), computed with
-/// the same candle ops (so the same value and gradient `2 (inp - target) / N`).
+/// The mean squared error `1/N Σ (inp - target)²` over all `N` elements:
+/// PyTorch's `F.mse_loss` (mean reduction) and a drop-in for
+/// `candle_nn::loss::mse`, computed with the same candle ops (so the same
+/// value and gradient `2 (inp - target) / N`).
 ///
-/// Errors: shapes that differ (no broadcasting, as in candle-nn), or empty
-/// tensors.
+/// One meaning wherever it is used (`minibatch::nn::loss::mse`,
+/// `minibatch::train::mse`, the prelude's `mse`):
+/// * the target is cast to the input's dtype (integer or `f64` targets
+///   against `f32` outputs);
+/// * its shape must be the input's up to size-1 dimensions, and the two are
+///   compared element by element: `(batch, 1)` outputs against `(batch,)`
+///   targets (or the other way round) is what a regression means. Any other
+///   difference is an error naming both shapes. PyTorch broadcasts there
+///   (`(32, 1)` against `(32,)` becomes a `(32, 32)` loss, with only a
+///   warning) and trains on the wrong loss; candle-nn errors on any difference.
+///
+/// Errors: shapes that differ beyond size-1 dimensions, or empty tensors.
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
@@ -109,12 +120,20 @@ pub fn nll(inp: &Tensor, target: &Tensor) -> candle_core::Result<Tensor> {
 /// let a = Tensor::new(&[1.0f32, 2.0, 3.0], &Device::Cpu)?;
 /// let b = Tensor::new(&[1.0f32, 0.0, 0.0], &Device::Cpu)?;
 /// assert_eq!(minibatch_nn::loss::mse(&a, &b)?.to_scalar::<f32>()?, 13.0 / 3.0);
+/// // (batch, 1) outputs against (batch,) f64 targets: element by element
+/// let out = Tensor::new(&[[1f32], [3.0]], &Device::Cpu)?;
+/// let y = Tensor::new(&[1f64, 1.0], &Device::Cpu)?;
+/// assert_eq!(minibatch_nn::loss::mse(&out, &y)?.to_scalar::<f32>()?, 2.0);
+/// // (2, 2) against (2,) is an error, not a broadcast
+/// assert!(minibatch_nn::loss::mse(&out.repeat((1, 2))?, &y).is_err());
 /// # Ok(()) }
 /// ```
 pub fn mse(inp: &Tensor, target: &Tensor) -> candle_core::Result<Tensor> {
-    if inp.dims() != target.dims() {
+    let without_ones = |d: &[usize]| d.iter().copied().filter(|&n| n != 1).collect::<Vec<_>>();
+    if inp.dims() != target.dims() && without_ones(inp.dims()) != without_ones(target.dims()) {
         return Err(NnError::ShapeMismatch(format!(
-            "mse: input {:?} and target {:?} differ",
+            "mse: input {:?} and target {:?} differ beyond size-1 dimensions (mse compares \
+             element by element and does not broadcast)",
             inp.dims(),
             target.dims()
         ))
@@ -123,6 +142,12 @@ pub fn mse(inp: &Tensor, target: &Tensor) -> candle_core::Result<Tensor> {
     if inp.elem_count() == 0 {
         return Err(NnError::InvalidArgument("mse: empty input".into()).into());
     }
+    let target = target.to_dtype(inp.dtype())?;
+    let target = if target.dims() == inp.dims() {
+        target
+    } else {
+        target.reshape(inp.shape())?
+    };
     (inp - target)?.sqr()?.mean_all()
 }
 

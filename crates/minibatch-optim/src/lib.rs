@@ -2,6 +2,7 @@
 //! weight decay, maximize), Adam / AMSGrad, AdamW, RMSprop and Adagrad,
 //! learning-rate schedules, gradient clipping and accumulation, and state
 //! saved to safetensors for bit-exact resumption.
+//! (In a crate that depends on `minibatch`, write these paths `minibatch::optim::...`.)
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};

@@ -10,7 +10,7 @@ use minibatch_optim::{GradAccumulator, LrScheduler, Optimizer};
 
 use crate::callbacks::{Callback, Control, FnCallback, Mode};
 use crate::error::{Result, TrainError};
-use crate::guard::optimizer_var_names;
+use crate::guard::{frozen_names, frozen_note, optimizer_var_names};
 use crate::history::{EpochRecord, StepRecord};
 use crate::metrics::{Accuracy, Metric};
 use crate::model::Model;
@@ -92,7 +92,9 @@ impl<M: Model> TrainerBuilder<M> {
     /// The loss of the supervised step, for batches of `(inputs, targets)`:
     /// `loss(model(inputs), targets)` (default: [`cross_entropy`](crate::cross_entropy),
     /// which also adds [`Accuracy`] as a default metric; a custom loss adds no
-    /// default metric). For other batches, see [`step`](Self::step).
+    /// default metric). For regression pass [`mse`](crate::mse): with the
+    /// default, float targets are an error that says so. For other batches,
+    /// see [`step`](Self::step).
     pub fn loss(
         mut self,
         f: impl Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor> + 'static,
@@ -115,8 +117,9 @@ impl<M: Model> TrainerBuilder<M> {
     ///
     /// ```
     /// use candle_core::{DType, Device, Tensor};
-    /// use candle_nn::{linear, VarBuilder, VarMap};
+    /// use candle_nn::{linear, VarMap};
     /// use minibatch_data::{Batch, DataLoader, TensorDataset};
+    /// use minibatch_nn::seeded_var_builder;
     /// use minibatch_optim::{Sgd, SgdConfig};
     /// use minibatch_train::{Model, ProgressMode, StepOutput, Trainer};
     /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -128,7 +131,7 @@ impl<M: Model> TrainerBuilder<M> {
     /// let mask = Tensor::new(&[[1f32], [0.], [1.], [0.]], &dev)?;
     /// let loader = DataLoader::builder(TensorDataset::new(vec![x, y, mask])?).batch_size(4).build()?;
     /// let varmap = VarMap::new();
-    /// let model = linear(1, 1, VarBuilder::from_varmap(&varmap, DType::F32, &dev))?;
+    /// let model = linear(1, 1, seeded_var_builder(&varmap, 0, DType::F32, &dev))?;
     /// let opt = Sgd::from_varmap(&varmap, SgdConfig { lr: 0.05, ..Default::default() })?;
     /// let mut trainer = Trainer::builder(model, varmap, loader, opt)
     ///     .step(|model, batch: &Batch, train| {
@@ -310,8 +313,14 @@ impl<M: Model> TrainerBuilder<M> {
     /// Errors: `accumulate` 0, an empty train loader, checkpoint settings
     /// without `checkpoint_dir`, `keep_last` or `checkpoint_every_steps` 0,
     /// `log_every_steps` 0, a clip bound that is not > 0, both `loss` and
-    /// `step`, an optimizer parameter that is not in the `VarMap`, and every
-    /// checkpoint problem when resuming.
+    /// `step`, an optimizer that holds no parameter (usually built before
+    /// the model created its weights), an optimizer parameter that is not in
+    /// the `VarMap`, and every checkpoint problem when resuming.
+    ///
+    /// Parameters of the `VarMap` that the optimizer does not hold stay
+    /// frozen; the build says so once on stderr (unless
+    /// [`ProgressMode::Silent`]), naming them, and
+    /// [`Trainer::frozen_parameters`] lists them.
     pub fn build(self) -> Result<Trainer<M>> {
         if self.accumulate == 0 {
             return Err(TrainError::Config(
@@ -333,6 +342,10 @@ impl<M: Model> TrainerBuilder<M> {
         }
         let checkpoint = self.checkpoint.resolve()?;
         let (vars, var_names) = optimizer_var_names(&self.varmap, self.optimizer.as_ref())?;
+        let frozen = frozen_names(&self.varmap, &var_names)?;
+        if !frozen.is_empty() && self.progress != ProgressMode::Silent {
+            eprintln!("{}", frozen_note(&frozen, frozen.len() + vars.len()));
+        }
         let on_cpu = vars.first().is_none_or(|v| v.device().is_cpu());
         let default_loss = self.loss.is_none() && self.step.is_none();
         let step = match (self.loss, self.step) {
@@ -343,7 +356,7 @@ impl<M: Model> TrainerBuilder<M> {
             }
             (Some(loss), None) => TrainStep::Loss(loss),
             (None, Some(step)) => TrainStep::Custom(step),
-            (None, None) => TrainStep::Loss(Box::new(crate::loss::cross_entropy)),
+            (None, None) => TrainStep::Loss(Box::new(crate::loss::default_loss)),
         };
         let mut metrics = self.metrics;
         if default_loss && self.default_metrics {
@@ -378,9 +391,12 @@ impl<M: Model> TrainerBuilder<M> {
             grads_checked: false,
             stop_requested: false,
             run: RunState::default(),
+            clock: Default::default(),
             last_checkpoint: None,
             saved_at_step: None,
             skipped: Vec::new(),
+            resume_note: None,
+            frozen,
         };
         match self.resume {
             Some(Resume::From(p)) => t.load_checkpoint(&p)?,

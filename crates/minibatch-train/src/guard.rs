@@ -50,8 +50,10 @@ pub fn params_without_grad(varmap: &VarMap, grads: &GradStore) -> Result<Vec<Str
 /// checkpoints the `VarMap`, so such a parameter would be trained but never
 /// saved (an optimizer built from another `VarMap`).
 ///
-/// Parameters of the `VarMap` the optimizer does not hold are allowed: they
-/// are frozen (saved and restored, never updated).
+/// An error too when the optimizer holds no parameter at all: it would train
+/// nothing, silently. Parameters of the `VarMap` the optimizer does not hold
+/// are allowed: they are frozen (saved and restored, never updated); see
+/// [`frozen_names`].
 pub(crate) fn optimizer_var_names(
     varmap: &VarMap,
     optimizer: &dyn Optimizer,
@@ -84,7 +86,44 @@ pub(crate) fn optimizer_var_names(
              the model, or the trainer would checkpoint other weights than it trains"
         )));
     }
+    if vars.is_empty() {
+        return Err(TrainError::Config(format!(
+            "the optimizer holds no parameter, so training would change nothing (the VarMap \
+             holds {}). The usual cause: the optimizer was built from the VarMap (for example \
+             Sgd::from_varmap) before the model created its weights there; build the model \
+             first, then the optimizer",
+            match by_id.len() {
+                0 => "none either".to_string(),
+                n => format!("{n} parameter(s)"),
+            }
+        )));
+    }
     Ok((vars, names))
+}
+
+/// The `VarMap` names (sorted) of its parameters that the optimizer does not
+/// hold (`trained`: the optimizer's names): they stay frozen.
+pub(crate) fn frozen_names(varmap: &VarMap, trained: &[String]) -> Result<Vec<String>> {
+    Ok(varmap_vars(varmap)?
+        .into_iter()
+        .map(|(name, _)| name)
+        .filter(|name| !trained.contains(name))
+        .collect())
+}
+
+/// The note the trainer prints once at build when the optimizer leaves some
+/// of the `VarMap`'s parameters out.
+pub(crate) fn frozen_note(frozen: &[String], total: usize) -> String {
+    format!(
+        "note: the optimizer holds {} of the VarMap's {total} parameters; these {} stay frozen \
+         (saved in checkpoints, never updated): {}. If they should train, build the optimizer \
+         after the whole model, from all of the VarMap's parameters; to freeze parameters on \
+         purpose, build it from the ones to train only (minibatch::optim::select picks them \
+         by name)",
+        total - frozen.len(),
+        frozen.len(),
+        frozen.join(", ")
+    )
 }
 
 /// The names of `vars` (with their `names`) that have no gradient in `grads`.

@@ -30,11 +30,18 @@ pub struct EpochRecord {
     /// The learning rate in force at the end of the epoch (before an epoch schedule steps).
     pub lr: f64,
     /// Wall time of the training part of the epoch, seconds.
-    pub epoch_time_s: f64,
+    ///
+    /// The three timings are `None` for epochs trained before a resume
+    /// whose timings are not in `out_dir`'s `history.json`: checkpoints hold
+    /// no wall-clock time, so that identical runs write identical bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch_time_s: Option<f64>,
     /// Training samples per second.
-    pub samples_per_s: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub samples_per_s: Option<f64>,
     /// Share of the epoch's wall time spent waiting for the loader (0..1).
-    pub data_wait_share: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_wait_share: Option<f64>,
 }
 
 impl EpochRecord {
@@ -199,6 +206,46 @@ fn fmt_opt(v: Option<f64>) -> String {
 }
 
 impl History {
+    /// This history without the epochs' wall-clock timings (`epoch_time_s`,
+    /// `samples_per_s`, `data_wait_share` set to `None`): what a checkpoint
+    /// saves, so that two identical runs write identical checkpoints. The
+    /// timings stay in the trainer's history and its `out_dir` files.
+    pub fn without_timings(&self) -> History {
+        let mut h = self.clone();
+        for e in &mut h.epochs {
+            e.epoch_time_s = None;
+            e.samples_per_s = None;
+            e.data_wait_share = None;
+        }
+        h
+    }
+
+    /// Copies the timings of `other`'s epoch records into this history's
+    /// records that lack them, where both records are the same epoch (same
+    /// epoch number, step count and bit-identical training loss). A resume
+    /// uses it to take the timings of the epochs before the checkpoint from
+    /// the `history.json` the earlier run wrote.
+    pub fn fill_timings_from(&mut self, other: &History) {
+        for e in &mut self.epochs {
+            let Some(o) = other.epochs.iter().find(|o| {
+                o.epoch == e.epoch
+                    && o.steps == e.steps
+                    && o.train_loss.to_bits() == e.train_loss.to_bits()
+            }) else {
+                continue;
+            };
+            if e.epoch_time_s.is_none() {
+                e.epoch_time_s = o.epoch_time_s;
+            }
+            if e.samples_per_s.is_none() {
+                e.samples_per_s = o.samples_per_s;
+            }
+            if e.data_wait_share.is_none() {
+                e.data_wait_share = o.data_wait_share;
+            }
+        }
+    }
+
     /// The epoch table as CSV (metric columns are the union over epochs).
     pub fn epochs_csv(&self) -> String {
         let mut train_names: Vec<&String> = Vec::new();
@@ -235,7 +282,10 @@ impl History {
             }
             out.push_str(&format!(
                 ",{},{},{},{}\n",
-                e.lr, e.epoch_time_s, e.samples_per_s, e.data_wait_share
+                e.lr,
+                fmt_opt(e.epoch_time_s),
+                fmt_opt(e.samples_per_s),
+                fmt_opt(e.data_wait_share)
             ));
         }
         out
@@ -343,6 +393,34 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("val_accuracy"));
+    }
+
+    #[test]
+    fn timings_are_left_out_of_checkpoints_and_filled_back() {
+        let mut h = sample();
+        h.epochs[0].epoch_time_s = Some(1.5);
+        h.epochs[0].samples_per_s = Some(1000.0);
+        h.epochs[0].data_wait_share = Some(0.25);
+        h.epochs[1].epoch_time_s = Some(2.5);
+        let bare = h.without_timings();
+        let json = bare.to_json().unwrap();
+        for field in ["epoch_time_s", "samples_per_s", "data_wait_share"] {
+            assert!(!json.contains(field), "{field} in {json}");
+        }
+        let mut back = History::from_json(&json).unwrap();
+        assert_eq!(back, bare);
+        assert_eq!(back.epochs[0].epoch_time_s, None);
+        // the CSV leaves unknown timings empty
+        let csv = back.epochs_csv();
+        assert!(csv.lines().nth(1).unwrap().ends_with(",0.1,,,"), "{csv}");
+        // another run's record of epoch 1 (a different loss) is not taken
+        let mut other = h.clone();
+        other.epochs[1].train_loss = 0.75;
+        back.fill_timings_from(&other);
+        assert_eq!(back.epochs[0], h.epochs[0]);
+        assert_eq!(back.epochs[1].epoch_time_s, None);
+        back.fill_timings_from(&h);
+        assert_eq!(back, h);
     }
 
     #[test]

@@ -10,6 +10,10 @@
 //! At its first optimizer step the trainer checks that every parameter it
 //! trains received a gradient ([`params_without_grad`] does the same for
 //! hand-written loops).
+//!
+//! In a crate that depends on `minibatch`, these paths are
+//! `minibatch::train::...` (and the common ones are in `minibatch::prelude`);
+//! the examples here name this crate directly.
 #![warn(missing_docs)]
 
 mod builder;
@@ -44,7 +48,7 @@ pub use metrics::{Accuracy, MeanAbsoluteError, Metric, RunningMean};
 pub use model::{model_fn, FnModel, Model};
 pub use options::{Clip, ScheduleEvery};
 pub use progress::ProgressMode;
-pub use regressor::MiniBatchRegressor;
+pub use regressor::{r2_score, MiniBatchRegressor};
 pub use state::{RunState, SkippedCheckpoint};
 pub use step::{loss_step, LossFn, StepFn, StepOutput};
 pub use trainer::Trainer;

@@ -9,9 +9,10 @@ pub use minibatch_nn::loss::cross_entropy;
 /// Mean negative log-likelihood of log-probabilities; see [`minibatch_nn::loss::nll`].
 pub use minibatch_nn::loss::nll;
 
-/// Mean squared error ([`minibatch_nn::loss::mse`]) after casting the
-/// targets to the output's dtype and reshaping them to its shape, so that
-/// `(batch,)` targets fit `(batch, 1)` outputs.
+/// Mean squared error; see [`minibatch_nn::loss::mse`]: targets cast to the
+/// output's dtype, shapes equal up to size-1 dimensions (`(batch,)` targets
+/// fit `(batch, 1)` outputs), no broadcasting. The loss to pass to
+/// [`TrainerBuilder::loss`](crate::TrainerBuilder::loss) for regression.
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
@@ -21,7 +22,20 @@ pub use minibatch_nn::loss::nll;
 /// assert_eq!(minibatch_train::mse(&out, &y)?.to_scalar::<f32>()?, 2.0);
 /// # Ok(()) }
 /// ```
-pub fn mse(output: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
-    let t = targets.to_dtype(output.dtype())?.reshape(output.shape())?;
-    minibatch_nn::loss::mse(output, &t)
+pub use minibatch_nn::loss::mse;
+
+/// The trainer's default loss: [`cross_entropy`], with an error that names
+/// the usual mistake when the targets are floats (a regression without
+/// `.loss(mse)`).
+pub(crate) fn default_loss(output: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+    if targets.dtype().is_float() {
+        candle_core::bail!(
+            "the Trainer's default loss is cross-entropy, which needs class ids (u8, u32 or i64) \
+             as targets, but the targets are {:?} {:?}: for regression, call `.loss(mse)` on the \
+             builder (minibatch::train::mse, also in the prelude)",
+            targets.dtype(),
+            targets.dims()
+        );
+    }
+    cross_entropy(output, targets)
 }

@@ -1,5 +1,10 @@
-//! Progress reporting: an indicatif bar per epoch on a terminal, plain log
-//! lines otherwise.
+//! Progress reporting: an indicatif bar per epoch on a terminal, one line
+//! per epoch otherwise.
+//!
+//! Epochs are numbered from 0 everywhere a user sees them: progress lines,
+//! [`EpochRecord::epoch`], `Trainer::position`, the history files and
+//! `DataLoader::epoch`. A line reads `epoch 3 (4 of 20)`: epoch number 3, the
+//! fourth of the run's 20.
 
 use std::io::IsTerminal;
 use std::time::Instant;
@@ -8,15 +13,22 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::history::EpochRecord;
 
-/// How the trainer reports progress.
+/// How the trainer reports progress on stdout. Every mode but `Silent` prints
+/// one line per finished epoch (losses, metrics, time, lr) and a summary line
+/// at the end of [`fit`](crate::Trainer::fit).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ProgressMode {
-    /// A bar when stdout is a terminal, plain lines otherwise.
+    /// [`Bar`](Self::Bar) when stdout is a terminal, [`Epochs`](Self::Epochs)
+    /// otherwise (a log file gets one line per epoch).
     #[default]
     Auto,
-    /// Always an indicatif bar (drawn on stdout).
+    /// An indicatif bar during each epoch (cleared at its end), then the
+    /// epoch's line.
     Bar,
-    /// Plain log lines on stdout (about ten per epoch plus a summary line).
+    /// The epoch lines only.
+    Epochs,
+    /// Batch lines too: at most ten per epoch (every ⌈batches / 10⌉-th batch
+    /// and the last), then the epoch's line.
     Plain,
     /// Nothing at all.
     Silent,
@@ -26,10 +38,21 @@ impl ProgressMode {
     fn resolve(self) -> ProgressMode {
         match self {
             ProgressMode::Auto if std::io::stdout().is_terminal() => ProgressMode::Bar,
-            ProgressMode::Auto => ProgressMode::Plain,
+            ProgressMode::Auto => ProgressMode::Epochs,
             m => m,
         }
     }
+}
+
+/// `epoch 3 (4 of 20)`: the 0-based epoch number, then its rank in the run.
+pub(crate) fn epoch_label(epoch: u64, epochs: u64) -> String {
+    format!("epoch {epoch} ({} of {epochs})", epoch + 1)
+}
+
+/// The batches after which [`ProgressMode::Plain`] prints a line (1-based
+/// counts): every ⌈total / 10⌉-th and the last.
+fn plain_every(total: u64) -> u64 {
+    total.div_ceil(10).max(1)
 }
 
 /// Live figures of the epoch in progress, handed to the reporter.
@@ -60,7 +83,7 @@ impl EpochProgress {
             ) {
                 bar.set_style(style.progress_chars("=> "));
             }
-            bar.set_prefix(format!("epoch {}/{}", epoch + 1, epochs));
+            bar.set_prefix(epoch_label(epoch, epochs));
             bar.set_position(at);
             bar
         });
@@ -70,7 +93,7 @@ impl EpochProgress {
             epoch,
             epochs,
             total,
-            log_every: (total / 10).max(1),
+            log_every: plain_every(total),
         }
     }
 
@@ -92,9 +115,8 @@ impl EpochProgress {
             }
             ProgressMode::Plain if done.is_multiple_of(self.log_every) || done == self.total => {
                 println!(
-                    "epoch {}/{} batch {}/{}: loss {:.4}, {:.0} samples/s, data wait {:.1}%",
-                    self.epoch + 1,
-                    self.epochs,
+                    "{} batch {}/{}: loss {:.4}, {:.0} samples/s, data wait {:.1}%",
+                    epoch_label(self.epoch, self.epochs),
                     done,
                     self.total,
                     live.loss,
@@ -126,9 +148,8 @@ impl EpochProgress {
             return;
         }
         let mut line = format!(
-            "epoch {}/{}: train loss {:.4}",
-            r.epoch + 1,
-            epochs,
+            "{}: train loss {:.4}",
+            epoch_label(r.epoch, epochs),
             r.train_loss
         );
         for (k, v) in &r.train_metrics {
@@ -140,36 +161,108 @@ impl EpochProgress {
         for (k, v) in &r.val_metrics {
             line.push_str(&format!(", val {k} {v:.4}"));
         }
+        let (time, rate, wait) = (
+            r.epoch_time_s.unwrap_or(f64::NAN),
+            r.samples_per_s.unwrap_or(f64::NAN),
+            r.data_wait_share.unwrap_or(f64::NAN),
+        );
         line.push_str(&format!(
-            " | {:.2} s, {:.0} samples/s, data wait {:.1}%, lr {:.3e}",
-            r.epoch_time_s,
-            r.samples_per_s,
-            r.data_wait_share * 100.0,
+            " | {time:.2} s, {rate:.0} samples/s, data wait {:.1}%, lr {:.3e}",
+            wait * 100.0,
             r.lr
         ));
         println!("{line}");
     }
 }
 
-pub(crate) fn summary(
-    mode: ProgressMode,
-    epochs: u64,
-    steps: u64,
-    samples: u64,
-    started: Instant,
-    train_s: f64,
-) {
-    if mode == ProgressMode::Silent {
-        return;
-    }
-    let total = started.elapsed().as_secs_f64();
-    let per_epoch = if epochs > 0 {
-        train_s / epochs as f64
+/// What one [`fit`](crate::Trainer::fit) call did, for its summary line.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct RunTotals {
+    /// Epochs whose batches all ran in this call.
+    pub full_epochs: u64,
+    /// Epochs this call touched but did not run whole: resumed mid-epoch,
+    /// stopped mid-epoch, or only finished (evaluation, callbacks) after a
+    /// resume.
+    pub partial_epochs: u64,
+    /// Optimizer steps in all (this run and the ones before a resume).
+    pub steps: u64,
+    /// Training samples run in this call.
+    pub samples: u64,
+    /// Seconds of training (waiting for data and computing) in this call.
+    pub train_s: f64,
+    /// The part of `train_s` spent in the full epochs.
+    pub full_train_s: f64,
+}
+
+/// The summary line, e.g. `done: 9 full epoch(s) and 1 partial, 1876 step(s)
+/// in all, 6.10 s this run (0.55 s/epoch training, 109234 samples/s)`.
+pub(crate) fn summary_line(t: &RunTotals, total_s: f64) -> String {
+    let per_epoch = if t.full_epochs > 0 {
+        format!(
+            "{:.2} s/epoch training, ",
+            t.full_train_s / t.full_epochs as f64
+        )
+    } else {
+        String::new()
+    };
+    let partial = match t.partial_epochs {
+        0 => String::new(),
+        n => format!(" and {n} partial"),
+    };
+    let rate = if t.train_s > 0.0 {
+        t.samples as f64 / t.train_s
     } else {
         0.0
     };
-    println!(
-        "done: {epochs} full epoch(s), {steps} step(s) in all, {total:.2} s this run ({per_epoch:.2} s/epoch training, {:.0} samples/s)",
-        if train_s > 0.0 { samples as f64 / train_s } else { 0.0 }
-    );
+    format!(
+        "done: {} full epoch(s){partial}, {} step(s) in all, {total_s:.2} s this run ({per_epoch}{rate:.0} samples/s)",
+        t.full_epochs, t.steps
+    )
+}
+
+pub(crate) fn summary(mode: ProgressMode, totals: &RunTotals, started: Instant) {
+    if mode == ProgressMode::Silent {
+        return;
+    }
+    println!("{}", summary_line(totals, started.elapsed().as_secs_f64()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_prints_at_most_ten_batch_lines_an_epoch() {
+        for total in [1u64, 5, 10, 12, 19, 20, 99, 100, 101, 938] {
+            let every = plain_every(total);
+            let lines = (1..=total)
+                .filter(|d| d % every == 0 || *d == total)
+                .count();
+            assert!((1..=10).contains(&lines), "{total} batches: {lines} lines");
+        }
+        assert_eq!(plain_every(12), 2);
+    }
+
+    #[test]
+    fn epochs_are_numbered_from_zero_and_partial_ones_counted_apart() {
+        assert_eq!(epoch_label(0, 20), "epoch 0 (1 of 20)");
+        let t = RunTotals {
+            full_epochs: 158,
+            partial_epochs: 1,
+            steps: 2066,
+            samples: 1000,
+            train_s: 2.0,
+            full_train_s: 1.58,
+        };
+        let line = summary_line(&t, 3.0);
+        assert!(
+            line.starts_with("done: 158 full epoch(s) and 1 partial, 2066 step(s) in all, 3.00 s this run (0.01 s/epoch training, 500 samples/s)"),
+            "{line}"
+        );
+        let t = RunTotals {
+            partial_epochs: 0,
+            ..t
+        };
+        assert!(summary_line(&t, 3.0).starts_with("done: 158 full epoch(s), 2066"));
+    }
 }

@@ -222,29 +222,49 @@ impl MiniBatchRegressor {
         }
         let p = pred.to_dtype(DType::F64)?.to_vec1::<f64>()?;
         let t = y.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-        Ok(r2_score(&t, &p))
+        r2_score(&t, &p)
     }
 }
 
-/// R² of predictions `pred` for targets `target` (see [`MiniBatchRegressor::score`]).
+/// The coefficient of determination R² = 1 − Σ(t − p)² / Σ(t − t̄)² of
+/// predictions `pred` for targets `target`: scikit-learn's
+/// `r2_score(y_true, y_pred)`, same argument order. 1 is a perfect fit, 0 the
+/// mean's; it is negative for fits worse than the mean. Constant targets
+/// give 1 for a perfect prediction and 0 otherwise (scikit-learn's
+/// `force_finite`). [`MiniBatchRegressor::score`] computes it from tensors.
+///
+/// Errors ([`TrainError::Config`]): lengths that differ, no element, or a
+/// NaN or infinite value.
 ///
 /// ```
 /// use minibatch_train::regressor::r2_score;
-/// assert_eq!(r2_score(&[1.0, 2.0, 3.0], &[1.0, 2.0, 3.0]), 1.0);
-/// assert_eq!(r2_score(&[1.0, 2.0, 3.0], &[2.0, 2.0, 2.0]), 0.0);
+/// assert_eq!(r2_score(&[1.0, 2.0, 3.0], &[1.0, 2.0, 3.0])?, 1.0);
+/// assert_eq!(r2_score(&[1.0, 2.0, 3.0], &[2.0, 2.0, 2.0])?, 0.0);
+/// assert!(r2_score(&[1.0, 2.0, 3.0], &[1.0, 2.0]).is_err());
+/// # Ok::<(), minibatch_train::TrainError>(())
 /// ```
-pub fn r2_score(target: &[f64], pred: &[f64]) -> f64 {
-    let n = target.len().min(pred.len());
-    if n == 0 {
-        return 0.0;
+pub fn r2_score(target: &[f64], pred: &[f64]) -> Result<f64> {
+    if target.len() != pred.len() {
+        return Err(TrainError::Config(format!(
+            "r2_score: {} targets but {} predictions",
+            target.len(),
+            pred.len()
+        )));
     }
-    let mean = target[..n].iter().sum::<f64>() / n as f64;
+    if target.is_empty() {
+        return Err(TrainError::Config("r2_score: no element".into()));
+    }
+    if let Some(v) = target.iter().chain(pred).find(|v| !v.is_finite()) {
+        return Err(TrainError::Config(format!("r2_score: a value is {v}")));
+    }
+    let n = target.len() as f64;
+    let mean = target.iter().sum::<f64>() / n;
     let ss_res: f64 = target.iter().zip(pred).map(|(t, p)| (t - p).powi(2)).sum();
-    let ss_tot: f64 = target[..n].iter().map(|t| (t - mean).powi(2)).sum();
+    let ss_tot: f64 = target.iter().map(|t| (t - mean).powi(2)).sum();
     if ss_tot == 0.0 {
-        return if ss_res == 0.0 { 1.0 } else { 0.0 };
+        return Ok(if ss_res == 0.0 { 1.0 } else { 0.0 });
     }
-    1.0 - ss_res / ss_tot
+    Ok(1.0 - ss_res / ss_tot)
 }
 
 /// Ordinary least squares with an intercept, in closed form: the baseline a

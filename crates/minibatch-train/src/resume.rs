@@ -8,8 +8,10 @@ use serde_json::Value;
 
 use crate::checkpoint::{self, CheckpointState, LoadedCheckpoint};
 use crate::error::{Result, TrainError};
+use crate::history::History;
 use crate::model::Model;
-use crate::state::SkippedCheckpoint;
+use crate::progress::ProgressMode;
+use crate::state::{RunState, SkippedCheckpoint};
 use crate::trainer::Trainer;
 
 /// States keyed by `name#k`, the k-th part of that name (0-based), so that
@@ -44,7 +46,10 @@ impl<M: Model> Trainer<M> {
     fn checkpoint_state(&self) -> CheckpointState {
         CheckpointState {
             format: checkpoint::FORMAT_VERSION,
-            run: self.run.clone(),
+            run: RunState {
+                history: self.run.history.without_timings(),
+                ..self.run.clone()
+            },
             batches_per_epoch: self.train.len() as u64,
             samples_per_epoch: self.train.num_samples() as u64,
             accumulate: self.cfg.accumulate as u64,
@@ -137,6 +142,12 @@ impl<M: Model> Trainer<M> {
     /// root with a `latest` pointer): weights (bit for bit), optimizer state,
     /// schedule, metrics, callbacks and the [`RunState`](crate::RunState) (position, counters,
     /// history).
+    ///
+    /// The optimizer's hyperparameters (its learning rate included) are the
+    /// checkpoint's, not the ones it was built with, as a resume needs: one
+    /// line on stdout (unless [`ProgressMode::Silent`]) says where the run
+    /// resumes and what came from the checkpoint, naming both learning rates
+    /// when they differ; [`resume_note`](Self::resume_note) returns it.
     ///
     /// Errors ([`TrainError::Checkpoint`] naming the path): a corrupt or
     /// incomplete checkpoint, or one written by another setup (other tensor
@@ -259,7 +270,9 @@ impl<M: Model> Trainer<M> {
             }
         }
         checkpoint::load_weights(&self.varmap, &model, &path)?;
+        let built_lr = self.optimizer.learning_rate();
         self.optimizer.load_state_bytes(&optimizer)?;
+        let lr = self.optimizer.learning_rate();
         for (m, key) in self.metrics.iter_mut().zip(&metric_keys) {
             match st.metrics.get(key) {
                 Some(v) => m.load_state(v).map_err(|e| bad(e.to_string()))?,
@@ -276,6 +289,49 @@ impl<M: Model> Trainer<M> {
         }
         self.log.clear();
         self.run = st.run;
+        self.clock = Default::default();
+        // The checkpoint holds no timings: take those of the earlier epochs
+        // from the history file the earlier run wrote, when it is there.
+        if let Some(dir) = &self.cfg.out_dir {
+            if let Ok(text) = std::fs::read_to_string(dir.join("history.json")) {
+                if let Ok(earlier) = History::from_json(&text) {
+                    self.run.history.fill_timings_from(&earlier);
+                }
+            }
+        }
+        let mut taken = vec![
+            "weights".to_string(),
+            if lr.to_bits() == built_lr.to_bits() {
+                format!("optimizer state and hyperparameters (lr {lr})")
+            } else {
+                format!(
+                    "optimizer state and hyperparameters (lr {lr}, in place of the {built_lr} it was built with)"
+                )
+            },
+        ];
+        if self.scheduler.is_some() {
+            taken.push("schedule state".into());
+        }
+        if !st.metrics.is_empty() || !st.callbacks.is_empty() {
+            taken.push("metric and callback states".into());
+        }
+        taken.push(format!(
+            "history ({} epoch(s), {} step(s))",
+            self.run.history.epochs.len(),
+            self.run.step
+        ));
+        let note = format!(
+            "resumed from {} at epoch {}, batch {} of {nb}, step {}; from the checkpoint: {}",
+            path.display(),
+            self.run.epoch,
+            self.run.batch,
+            self.run.step,
+            taken.join(", ")
+        );
+        if self.cfg.progress != ProgressMode::Silent {
+            println!("{note}");
+        }
+        self.resume_note = Some(note);
         self.saved_at_step = Some(self.run.step);
         self.last_checkpoint = Some(path);
         Ok(())

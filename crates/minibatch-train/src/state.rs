@@ -15,6 +15,11 @@ use crate::metrics::RunningMean;
 /// (`trainer.json`, field `run`) and a resume puts it back whole. Every field
 /// is required when read back: a missing or mistyped one is a
 /// [`TrainError::Checkpoint`](crate::TrainError::Checkpoint).
+///
+/// It holds no wall-clock time, so two identical runs write byte-identical
+/// checkpoints: the epoch in progress is timed by the trainer alone (after a
+/// mid-epoch resume, its time counts from the resume), and the history saved
+/// with it leaves out the epochs' timings (see [`History::without_timings`]).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct RunState {
     /// Optimizer steps taken.
@@ -32,10 +37,6 @@ pub struct RunState {
     pub micro_batches: u64,
     /// Running training loss of the current epoch (sample-weighted).
     pub epoch_loss: RunningMean,
-    /// Seconds the current epoch waited for the loader.
-    pub epoch_wait_s: f64,
-    /// Seconds the current epoch spent computing.
-    pub epoch_compute_s: f64,
     /// Best value of the monitored quantity for `save_best`.
     #[serde(with = "float::option")]
     pub best: Option<f64>,
@@ -50,8 +51,6 @@ impl RunState {
         self.batch = 0;
         self.epoch_batches_done = false;
         self.epoch_loss.reset();
-        self.epoch_wait_s = 0.0;
-        self.epoch_compute_s = 0.0;
     }
 }
 
@@ -74,11 +73,11 @@ mod tests {
         let st = RunState::default();
         let mut v = serde_json::to_value(&st).unwrap();
         assert_eq!(serde_json::from_value::<RunState>(v.clone()).unwrap(), st);
-        v["epoch_wait_s"] = Value::from("soon");
+        v["micro_batches"] = Value::from("soon");
         assert!(serde_json::from_value::<RunState>(v.clone()).is_err());
-        v.as_object_mut().unwrap().remove("epoch_wait_s");
+        v.as_object_mut().unwrap().remove("micro_batches");
         let err = serde_json::from_value::<RunState>(v.clone()).unwrap_err();
-        assert!(err.to_string().contains("epoch_wait_s"), "{err}");
+        assert!(err.to_string().contains("micro_batches"), "{err}");
         let mut v = serde_json::to_value(&st).unwrap();
         v.as_object_mut().unwrap().remove("best");
         let err = serde_json::from_value::<RunState>(v).unwrap_err();

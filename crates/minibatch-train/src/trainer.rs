@@ -35,6 +35,25 @@ fn eval<M: Model>(
     evaluate_step(model, loader, &run, metrics)
 }
 
+/// Wall-clock figures of the epoch in progress. Never checkpointed (so that
+/// identical runs write identical checkpoints): after a mid-epoch resume they
+/// count from the resume.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct EpochClock {
+    /// Seconds this epoch waited for the loader.
+    pub wait_s: f64,
+    /// Seconds this epoch spent computing.
+    pub compute_s: f64,
+    /// Training samples this epoch ran (in this process).
+    pub samples: u64,
+}
+
+impl EpochClock {
+    fn wall_s(&self) -> f64 {
+        self.wait_s + self.compute_s
+    }
+}
+
 /// Runs training: forward, loss, backward, optional clipping and gradient
 /// accumulation, optimizer step, schedule step; evaluation, metrics,
 /// callbacks, progress, history files and checkpoints around it.
@@ -45,8 +64,9 @@ fn eval<M: Model>(
 ///
 /// ```
 /// use candle_core::{DType, Device, Tensor};
-/// use candle_nn::{linear, VarBuilder, VarMap};
+/// use candle_nn::{linear, VarMap};
 /// use minibatch_data::{DataLoader, TensorDataset};
+/// use minibatch_nn::seeded_var_builder;
 /// use minibatch_optim::{Sgd, SgdConfig};
 /// use minibatch_train::{ProgressMode, Trainer};
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -56,7 +76,7 @@ fn eval<M: Model>(
 /// let y = Tensor::new(&[0u32, 0, 1, 1], &dev)?;
 /// let loader = DataLoader::builder(TensorDataset::new(vec![x, y])?).batch_size(2).shuffle(0).build()?;
 /// let varmap = VarMap::new();
-/// let model = linear(2, 2, VarBuilder::from_varmap(&varmap, DType::F32, &dev))?;
+/// let model = linear(2, 2, seeded_var_builder(&varmap, 0, DType::F32, &dev))?;
 /// let opt = Sgd::from_varmap(&varmap, SgdConfig { lr: 0.5, momentum: 0.9, ..Default::default() })?;
 /// let mut trainer = Trainer::builder(model, varmap, loader, opt)
 ///     .epochs(20)
@@ -89,9 +109,14 @@ pub struct Trainer<M> {
     pub(crate) stop_requested: bool,
     // where the run stands: everything a checkpoint restores
     pub(crate) run: RunState,
+    pub(crate) clock: EpochClock,
     pub(crate) last_checkpoint: Option<PathBuf>,
     pub(crate) saved_at_step: Option<u64>,
     pub(crate) skipped: Vec<SkippedCheckpoint>,
+    /// The line printed by the last resume.
+    pub(crate) resume_note: Option<String>,
+    /// The `VarMap` parameters the optimizer does not hold.
+    pub(crate) frozen: Vec<String>,
 }
 
 impl<M: Model> Trainer<M> {
@@ -137,6 +162,18 @@ impl<M: Model> Trainer<M> {
     pub fn skipped_checkpoints(&self) -> &[SkippedCheckpoint] {
         &self.skipped
     }
+    /// The `VarMap` names (sorted) of the parameters the optimizer does not
+    /// hold: frozen, saved in checkpoints but never updated. The build names
+    /// them once on stderr.
+    pub fn frozen_parameters(&self) -> &[String] {
+        &self.frozen
+    }
+    /// The line the last resume printed: where the run resumed and which
+    /// settings came from the checkpoint (the optimizer's learning rate, and
+    /// the one it was built with when they differ). `None` before a resume.
+    pub fn resume_note(&self) -> Option<&str> {
+        self.resume_note.as_deref()
+    }
     /// Sets the number of epochs (e.g. to train longer after a finished run).
     pub fn set_epochs(&mut self, epochs: u64) {
         self.cfg.epochs = epochs;
@@ -167,37 +204,43 @@ impl<M: Model> Trainer<M> {
     /// left untouched, and none is written past a non-finite loss.
     pub fn fit(&mut self) -> Result<&History> {
         let started = Instant::now();
-        let (mut train_s, mut samples, mut epochs_run) = (0.0f64, 0u64, 0u64);
+        let mut totals = progress::RunTotals::default();
         self.stop_requested = false;
         let mut stop = self.max_steps_reached();
         while !stop && self.run.epoch < self.cfg.epochs {
+            // an epoch counts as full when this call ran all its batches
+            let full = !self.run.epoch_batches_done && self.run.batch == 0;
             if !self.run.epoch_batches_done {
+                let (wall0, samples0) = (self.clock.wall_s(), self.clock.samples);
                 let finished = self.train_epoch_batches()?;
                 self.log_point()?; // the epoch's (or the stop's) losses, for the counts below
-                train_s += self.run.epoch_wait_s + self.run.epoch_compute_s;
-                samples += self.run.epoch_loss.count();
+                let wall = self.clock.wall_s() - wall0;
+                totals.train_s += wall;
+                totals.samples += self.clock.samples - samples0;
                 if !finished {
+                    totals.partial_epochs += 1;
                     // stopped mid-epoch (max_steps or a callback): leave the position as is
                     if self.cfg.checkpoint.is_some() && self.saved_at_step != Some(self.run.step) {
                         self.save_checkpoint()?;
                     }
                     break;
                 }
+                if full {
+                    totals.full_train_s += wall;
+                }
                 self.run.epoch_batches_done = true;
             }
             stop = self.end_epoch()? || self.max_steps_reached();
-            epochs_run += 1;
+            if full {
+                totals.full_epochs += 1;
+            } else {
+                totals.partial_epochs += 1;
+            }
         }
         self.log_point()?;
         self.write_outputs()?;
-        progress::summary(
-            self.cfg.progress,
-            epochs_run,
-            self.run.step,
-            samples,
-            started,
-            train_s,
-        );
+        totals.steps = self.run.step;
+        progress::summary(self.cfg.progress, &totals, started);
         Ok(&self.run.history)
     }
 
@@ -216,7 +259,7 @@ impl<M: Model> Trainer<M> {
             .train
             .epoch(self.run.epoch)
             .skip_to(self.run.batch as usize);
-        let already = Duration::from_secs_f64(self.run.epoch_wait_s + self.run.epoch_compute_s);
+        let already = Duration::from_secs_f64(self.clock.wall_s());
         let epoch_started = Instant::now()
             .checked_sub(already)
             .unwrap_or_else(Instant::now);
@@ -224,23 +267,25 @@ impl<M: Model> Trainer<M> {
             let t0 = Instant::now();
             let next = iter.next();
             let t1 = Instant::now();
-            self.run.epoch_wait_s += (t1 - t0).as_secs_f64();
+            self.clock.wait_s += (t1 - t0).as_secs_f64();
             let Some(batch) = next else { break };
+            let batch = batch?;
+            self.clock.samples += batch.len() as u64;
             let batch_idx = self.run.batch;
             let last = batch_idx + 1 == n_batches;
-            let stepped = self.train_micro_batch(&batch?, last)?;
+            let stepped = self.train_micro_batch(&batch, last)?;
             self.run.batch += 1;
             let mut stop = false;
             if stepped {
                 stop = self.after_step()?;
             }
-            self.run.epoch_compute_s += t1.elapsed().as_secs_f64();
+            self.clock.compute_s += t1.elapsed().as_secs_f64();
             let el = epoch_started.elapsed().as_secs_f64().max(1e-9);
             bar.update(Live {
                 batch: batch_idx,
                 loss: self.run.epoch_loss.mean(),
-                samples_per_s: self.run.epoch_loss.count() as f64 / el,
-                wait_share: self.run.epoch_wait_s / el,
+                samples_per_s: self.clock.samples as f64 / el,
+                wait_share: self.clock.wait_s / el,
             });
             if stop {
                 break;
@@ -274,8 +319,8 @@ impl<M: Model> Trainer<M> {
 
     fn end_epoch(&mut self) -> Result<bool> {
         self.log_point()?;
-        let wall = self.run.epoch_wait_s + self.run.epoch_compute_s;
-        let per_s = |x: f64| if wall > 0.0 { x / wall } else { 0.0 };
+        let wall = self.clock.wall_s();
+        let per_s = |x: f64| Some(if wall > 0.0 { x / wall } else { 0.0 });
         let mut rec = EpochRecord {
             epoch: self.run.epoch,
             steps: self.run.step,
@@ -286,9 +331,9 @@ impl<M: Model> Trainer<M> {
                 .map(|m| (m.name().to_string(), m.value()))
                 .collect(),
             lr: self.optimizer.learning_rate(),
-            epoch_time_s: wall,
-            samples_per_s: per_s(self.run.epoch_loss.count() as f64),
-            data_wait_share: per_s(self.run.epoch_wait_s),
+            epoch_time_s: Some(wall),
+            samples_per_s: per_s(self.clock.samples as f64),
+            data_wait_share: per_s(self.clock.wait_s),
             ..Default::default()
         };
         if let Some(val) = &self.val {
@@ -311,6 +356,7 @@ impl<M: Model> Trainer<M> {
         self.run.history.epochs.push(rec);
         // move to the next epoch before checkpointing, so a resume starts there
         self.run.next_epoch();
+        self.clock = EpochClock::default();
         for m in self.metrics.iter_mut() {
             m.reset();
         }
