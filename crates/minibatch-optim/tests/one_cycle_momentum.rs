@@ -174,7 +174,7 @@ fn adam_and_adamw_cycle_beta1_only() {
     sched.step(&mut adamw).unwrap();
     sched.step(&mut adamw).unwrap();
     assert!(TOL.accepts(adamw.rule(0).unwrap().adam.beta1, 0.85));
-    assert_eq!(adamw.rule(0).unwrap().beta2, 0.999);
+    assert_eq!(adamw.rule(0).unwrap().adam.beta2, 0.999);
 }
 
 #[test]
