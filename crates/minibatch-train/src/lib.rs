@@ -15,6 +15,7 @@
 mod builder;
 pub mod callbacks;
 pub mod checkpoint;
+mod distributed;
 pub mod error;
 mod evaluate;
 mod guard;
