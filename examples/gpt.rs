@@ -60,6 +60,7 @@ use anyhow::{bail, Result};
 use candle_core::{Device, IndexOp, Module, Tensor, D};
 use clap::Parser;
 use minibatch::data::{parse_device, Batch, DataLoader, TensorDataset};
+use minibatch::dist::ProcessGroupExt;
 use minibatch::optim::{
     AdamConfig, AdamW, AdamWConfig, CosineAnnealingLR, LinearLR, LrScheduler, Norm, SequentialLR,
 };
@@ -91,6 +92,7 @@ struct Args {
     layers: usize,
     #[arg(long, default_value_t = 6)]
     epochs: u64,
+    /// samples per batch (per rank with --distributed)
     #[arg(long, default_value_t = defaults::BATCH)]
     batch_size: usize,
     /// micro-batches per optimizer step (gradient accumulation)
@@ -129,6 +131,13 @@ struct Args {
     max_steps: Option<u64>,
     #[arg(long, default_value = "runs/gpt")]
     out_dir: PathBuf,
+    /// data-parallel over MPI: `mpirun -np N target/release/examples/gpt --distributed`
+    /// (build with `--features mpi`); rank 0 prints and writes
+    #[arg(long)]
+    distributed: bool,
+    /// threads of each rank's candle pool (default: the cores / the ranks on this machine)
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 const PLUS: u32 = 10;
@@ -305,16 +314,24 @@ fn greedy(model: &Gpt, prompts: &Tensor, n: usize) -> candle_core::Result<Tensor
 
 fn main() -> Result<()> {
     let a = Args::parse();
+    let group = minibatch::dist::launch(a.distributed)?;
+    // before the first candle op: candle builds its pool once
+    let threads = minibatch::dist::threads::configure_threads(group.local_size(), a.threads);
+    let main_rank = group.rank() == 0;
     let device = parse_device(&a.device)?;
     let task = Task { digits: a.digits };
     if a.digits == 0 || a.digits > 9 {
         bail!("--digits must be in 1..=9");
     }
     let (train, test) = task.split(a.seed, a.train_size, a.test_size)?;
-    let train_loader = DataLoader::builder(TensorDataset::new(task.tensors(&train, &device)?)?)
+    let mut train_loader = DataLoader::builder(TensorDataset::new(task.tensors(&train, &device)?)?)
         .batch_size(a.batch_size)
-        .shuffle(a.seed)
-        .build()?;
+        .shuffle(a.seed);
+    if a.distributed {
+        // this rank's share: the schedule below counts the rank's steps
+        train_loader = train_loader.shard(group.rank(), group.world_size());
+    }
+    let train_loader = train_loader.build()?;
     let test_loader = DataLoader::builder(TensorDataset::new(task.tensors(&test, &device)?)?)
         .batch_size(1000)
         .build()?;
@@ -357,6 +374,14 @@ fn main() -> Result<()> {
     )?);
     let sched = SequentialLR::new(&mut opt, vec![warm, cosine], vec![warmup])?;
 
+    if a.distributed && main_rank {
+        println!(
+            "data-parallel: {} ranks ({}), {threads} threads each, global batch {}",
+            group.world_size(),
+            group.backend(),
+            group.world_size() * a.batch_size
+        );
+    }
     println!(
         "GPT {} layers, d_model {}, {} heads: {n_params} parameters{}; {}-digit addition, {} train / {} held-out problems",
         a.layers,
@@ -385,6 +410,9 @@ fn main() -> Result<()> {
         .epochs(a.epochs)
         .progress(ProgressMode::Auto)
         .out_dir(&a.out_dir);
+    if a.distributed {
+        b = b.distributed(group.clone());
+    }
     if let Some(n) = a.max_steps {
         b = b.max_steps(n);
     }
@@ -417,9 +445,12 @@ fn main() -> Result<()> {
             );
             return Ok(());
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => group.fail(&e),
     }
     let train_s = t0.elapsed().as_secs_f64();
+    if !main_rank {
+        return Ok(());
+    }
     if a.candle_nn_layers {
         bail!("the candle-nn model trained without the guard stopping it");
     }
@@ -451,6 +482,11 @@ fn main() -> Result<()> {
         test.len(),
         trainer.global_step(),
         train_s
+    );
+    println!(
+        "CPU {:.1} s (this process, all threads) for {:.1} s of wall",
+        minibatch::dist::threads::cpu_time().as_secs_f64(),
+        t0.elapsed().as_secs_f64()
     );
     println!(
         "sampled completions (held-out problems, answer written least significant digit first):"

@@ -18,6 +18,7 @@ use candle_core::{DType, Device, Module, ModuleT, Tensor};
 use candle_nn::{Conv2dConfig, VarMap};
 use clap::{Parser, ValueEnum};
 use minibatch::data::{mnist, parse_device, DataLoader};
+use minibatch::dist::ProcessGroupExt;
 // `minibatch::nn::Conv2d`, `max_pool2d` and `relu`: im2col + gemm convolutions with a
 // fast backward pass, max pooling with PyTorch's gradient (candle's is 1/4 of it), and
 // a relu whose backward is one pass.
@@ -75,6 +76,7 @@ struct Args {
     /// epochs (default: 10 for the MLP, 4 for the CNN)
     #[arg(long)]
     epochs: Option<u64>,
+    /// samples per batch (per rank with --distributed)
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
     /// learning rate (default: 0.05 for SGD, 1e-3 for the adaptive optimizers)
@@ -114,6 +116,13 @@ struct Args {
     max_steps: Option<u64>,
     #[arg(long, default_value = "runs/mnist")]
     out_dir: PathBuf,
+    /// data-parallel over MPI: `mpirun -np N target/release/examples/mnist --distributed`
+    /// (build with `--features mpi`); rank 0 prints and writes
+    #[arg(long)]
+    distributed: bool,
+    /// threads of each rank's candle pool (default: the cores / the ranks on this machine)
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 struct Mlp {
@@ -211,6 +220,11 @@ fn build_optimizer(a: &Args, vm: &VarMap, lr: f64) -> Result<Box<dyn Optimizer>>
 
 fn main() -> Result<()> {
     let a = Args::parse();
+    let wall = std::time::Instant::now();
+    let group = minibatch::dist::launch(a.distributed)?;
+    // before the first candle op: candle builds its pool once
+    let threads = minibatch::dist::threads::configure_threads(group.local_size(), a.threads);
+    let main_rank = group.rank() == 0;
     let device: Device = parse_device(&a.device)?;
     let epochs = a.epochs.unwrap_or(match a.model {
         Arch::Mlp => 10,
@@ -228,11 +242,15 @@ fn main() -> Result<()> {
             a.data_dir.display()
         )
     })?;
-    let train_loader = DataLoader::builder(train)
+    let mut train_loader = DataLoader::builder(train)
         .batch_size(a.batch_size)
         .shuffle(a.seed)
-        .num_workers(a.workers)
-        .build()?;
+        .num_workers(a.workers);
+    if a.distributed {
+        // this rank's share: steps_per_epoch below counts the rank's batches
+        train_loader = train_loader.shard(group.rank(), group.world_size());
+    }
+    let train_loader = train_loader.build()?;
     let test_loader = DataLoader::builder(test).batch_size(1000).build()?;
 
     let vm = VarMap::new();
@@ -290,7 +308,16 @@ fn main() -> Result<()> {
         )),
     };
 
-    println!(
+    if a.distributed && main_rank {
+        println!(
+            "data-parallel: {} ranks ({}), {threads} threads each, global batch {}",
+            group.world_size(),
+            group.backend(),
+            group.world_size() * a.batch_size
+        );
+    }
+    if main_rank {
+        println!(
         "MNIST {:?}: {} train / {} test samples, batch {}, {} steps/epoch, {} epochs, {} lr {lr}, schedule {:?}, device {:?}",
         a.model,
         train_loader.num_samples(),
@@ -302,11 +329,15 @@ fn main() -> Result<()> {
         a.schedule,
         device
     );
+    }
     let mut b = Trainer::builder(net, vm, train_loader, opt)
         .val_loader(test_loader)
         .epochs(epochs)
         .progress(ProgressMode::Auto)
         .out_dir(&a.out_dir);
+    if a.distributed {
+        b = b.distributed(group.clone());
+    }
     if let Some((s, every)) = sched {
         b = b.scheduler(s, every);
     }
@@ -330,7 +361,10 @@ fn main() -> Result<()> {
     }
     // a resume prints where it resumed and what came from the checkpoint
     let mut trainer = b.build()?;
-    let history = trainer.fit()?;
+    let history = group.or_abort(trainer.fit());
+    if !main_rank {
+        return Ok(());
+    }
     if let Some(last) = history.epochs.last() {
         println!(
             "final test accuracy {:.2}% (test loss {:.4}) after {} epochs",
@@ -354,5 +388,10 @@ fn main() -> Result<()> {
             dir.display()
         );
     }
+    println!(
+        "wall {:.1} s, CPU {:.1} s (this process, all threads)",
+        wall.elapsed().as_secs_f64(),
+        minibatch::dist::threads::cpu_time().as_secs_f64()
+    );
     Ok(())
 }

@@ -48,7 +48,13 @@ fn mpirun(program: &str, out: &Path, limit: Duration) -> Run {
     let mut child = Command::new("mpirun")
         .args(["-np", "2", "--oversubscribe"])
         .arg(&exe)
-        .args([program, "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+        .args([
+            program,
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
         .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
@@ -157,11 +163,21 @@ fn train_mlp(group: &dyn ProcessGroup, batch: usize, seed: u64) -> Vec<Tensor> {
         buckets.all_reduce_mean(group, &mut grads).unwrap();
         opt.step(&grads).unwrap();
     }
-    model.vars.iter().map(|v| v.as_tensor().copy().unwrap()).collect()
+    model
+        .vars
+        .iter()
+        .map(|v| v.as_tensor().copy().unwrap())
+        .collect()
 }
 
 fn values(t: &Tensor) -> Vec<f64> {
-    let v: Vec<f64> = t.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1().unwrap();
+    let v: Vec<f64> = t
+        .flatten_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     assert!(v.iter().all(|x| x.is_finite()), "non-finite weights");
     v
 }
@@ -198,9 +214,17 @@ fn two_ranks_at_32_equal_one_process_at_64() {
         let g = values(&got[&format!("p{i}")]);
         let w = values(w);
         assert_eq!(g.len(), w.len(), "p{i}: length");
-        let diff: f64 = g.iter().zip(&w).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
+        let diff: f64 = g
+            .iter()
+            .zip(&w)
+            .map(|(a, b)| (a - b).powi(2))
+            .sum::<f64>()
+            .sqrt();
         let norm: f64 = w.iter().map(|b| b * b).sum::<f64>().sqrt();
-        assert!(diff <= 1e-5 * norm, "p{i}: |2 ranks - 1 process| = {diff:e}, |w| = {norm:e}");
+        assert!(
+            diff <= 1e-5 * norm,
+            "p{i}: |2 ranks - 1 process| = {diff:e}, |w| = {norm:e}"
+        );
         // and the weights did move: the comparison is not of two initializations
         let moved: f64 = values(init.vars[i].as_tensor())
             .iter()
@@ -225,37 +249,68 @@ fn rank_collectives() {
         checksum(&refs).unwrap()
     };
     let before = group.all_gather_u64(sums(&model)).unwrap();
-    assert_ne!(before[0], before[1], "differently seeded ranks drew the same weights");
+    assert_ne!(
+        before[0], before[1],
+        "differently seeded ranks drew the same weights"
+    );
     broadcast_vars(group.as_ref(), &model.vars, 0).unwrap();
     let after = group.all_gather_u64(sums(&model)).unwrap();
-    assert_eq!(after, vec![before[0]; world], "after the broadcast from rank 0");
+    assert_eq!(
+        after,
+        vec![before[0]; world],
+        "after the broadcast from rank 0"
+    );
     // slices: every element is rank + i; the sum over 2 ranks is 1 + 2i
     let mut a: Vec<f32> = (0..1000).map(|i| r as f32 + i as f32).collect();
     group.all_reduce_sum(&mut a).unwrap();
-    assert!(a.iter().enumerate().all(|(i, v)| *v == 1.0 + 2.0 * i as f32));
+    assert!(a
+        .iter()
+        .enumerate()
+        .all(|(i, v)| *v == 1.0 + 2.0 * i as f32));
     let mut b: Vec<f64> = (0..10).map(|i| r + i as f64).collect();
     group.all_reduce_mean(&mut b).unwrap();
-    assert!(b.iter().enumerate().all(|(i, v)| *v == 0.5 + i as f64), "{b:?}");
+    assert!(
+        b.iter().enumerate().all(|(i, v)| *v == 0.5 + i as f64),
+        "{b:?}"
+    );
     let mut c: Vec<bf16> = (0..10).map(|i| bf16::from_f64(r + i as f64)).collect();
     group.all_reduce_sum(&mut c).unwrap();
-    assert!(c.iter().enumerate().all(|(i, v)| v.to_f64() == 1.0 + 2.0 * i as f64), "{c:?}");
+    assert!(
+        c.iter()
+            .enumerate()
+            .all(|(i, v)| v.to_f64() == 1.0 + 2.0 * i as f64),
+        "{c:?}"
+    );
     // tensors in place, f32 and bf16
     let t = Tensor::new(&[r as f32, 10.0], &Device::Cpu).unwrap();
     group.all_reduce_tensor(&t, ReduceOp::Mean).unwrap();
     assert_eq!(t.to_vec1::<f32>().unwrap(), [0.5, 10.0]);
-    let t = Tensor::new(&[r as f32 + 1.0], &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap();
+    let t = Tensor::new(&[r as f32 + 1.0], &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
     group.all_reduce_tensor(&t, ReduceOp::Sum).unwrap();
-    assert_eq!(t.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap(), [3.0]);
+    assert_eq!(
+        t.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap(),
+        [3.0]
+    );
     // broadcast from rank 1, all-gather, agreement checks
     let mut v = [r as u64 * 7; 3];
     group.broadcast(&mut v, 1).unwrap();
     assert_eq!(v, [7; 3]);
     assert_eq!(group.all_gather_f64(r * 0.25).unwrap(), vec![0.0, 0.25]);
     let err = group.check_same("length", 5 + rank as u64).unwrap_err();
-    assert!(err.to_string().contains("rank 1 has length = 6 where rank 0 has 5"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("rank 1 has length = 6 where rank 0 has 5"),
+        "{err}"
+    );
     assert!(group.broadcast(&mut v, 2).is_err());
     // a non-contiguous tensor is an error on the rank, before any communication
-    let tt = Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap().t().unwrap();
+    let tt = Tensor::zeros((2, 3), DType::F32, &Device::Cpu)
+        .unwrap()
+        .t()
+        .unwrap();
     assert!(group.all_reduce_tensor(&tt, ReduceOp::Sum).is_err());
     group.barrier().unwrap();
     std::fs::write(out_dir().join(format!("ok{rank}")), "ok").unwrap();
@@ -267,7 +322,11 @@ fn collectives_and_broadcast_over_two_ranks() {
     let run = mpirun("rank_collectives", dir.path(), Duration::from_secs(120));
     assert_eq!(run.code, Some(0), "mpirun failed:\n{}", run.output);
     for r in 0..2 {
-        assert!(dir.path().join(format!("ok{r}")).exists(), "rank {r} did not finish:\n{}", run.output);
+        assert!(
+            dir.path().join(format!("ok{r}")).exists(),
+            "rank {r} did not finish:\n{}",
+            run.output
+        );
     }
 }
 
@@ -295,8 +354,16 @@ fn a_killed_rank_ends_the_job_within_30_s() {
     let dir = tempfile::tempdir().unwrap();
     let run = mpirun("rank_killed", dir.path(), Duration::from_secs(60));
     assert_ne!(run.code, Some(0), "the job succeeded:\n{}", run.output);
-    assert!(run.elapsed < Duration::from_secs(30), "took {:?}", run.elapsed);
-    assert!(run.output.contains("rank 1"), "no rank named:\n{}", run.output);
+    assert!(
+        run.elapsed < Duration::from_secs(30),
+        "took {:?}",
+        run.elapsed
+    );
+    assert!(
+        run.output.contains("rank 1"),
+        "no rank named:\n{}",
+        run.output
+    );
 }
 
 #[test]
@@ -305,7 +372,10 @@ fn rank_fails() {
     let group = Mpi::init().unwrap();
     if group.rank() == 1 {
         // bad input on rank 1 only: a non-contiguous tensor
-        let t = Tensor::zeros((4, 3), DType::F32, &Device::Cpu).unwrap().t().unwrap();
+        let t = Tensor::zeros((4, 3), DType::F32, &Device::Cpu)
+            .unwrap()
+            .t()
+            .unwrap();
         group.or_abort(group.all_reduce_tensor(&t, ReduceOp::Sum));
     }
     // rank 0 waits for a rank that will never come; MPI_Abort ends it
@@ -318,10 +388,134 @@ fn a_failing_rank_aborts_the_job_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let run = mpirun("rank_fails", dir.path(), Duration::from_secs(60));
     assert_ne!(run.code, Some(0), "the job succeeded:\n{}", run.output);
-    assert!(run.elapsed < Duration::from_secs(30), "took {:?}", run.elapsed);
+    assert!(
+        run.elapsed < Duration::from_secs(30),
+        "took {:?}",
+        run.elapsed
+    );
     assert!(
         run.output.contains("rank 1 of 2 failed") && run.output.contains("not contiguous"),
         "the error does not name the rank and the problem:\n{}",
         run.output
+    );
+}
+
+/// The Trainer on 2 ranks (`.distributed`) against 1 process at twice the
+/// batch: same weights (1e-5), same validation figures over the whole set.
+struct TrainerMlp(Linear, Linear);
+
+impl Module for TrainerMlp {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.1.forward(&self.0.forward(x)?.relu()?)
+    }
+}
+
+fn fit_mlp(
+    group: Option<std::sync::Arc<dyn ProcessGroup>>,
+    batch: usize,
+    seed: u64,
+) -> (Vec<Tensor>, f64, f64) {
+    use minibatch::train::{ProgressMode, Trainer};
+    let (train, test) = mnist::load(common::mnist_dir(), &Device::Cpu).unwrap();
+    let train = Subset::new(train, (0..3200).collect()).unwrap();
+    let test = Subset::new(test, (0..999).collect()).unwrap(); // odd: uneven shards
+    let loader = DataLoader::builder(train)
+        .batch_size(batch)
+        .shuffle(5)
+        .build()
+        .unwrap();
+    let val = DataLoader::builder(test).batch_size(250).build().unwrap();
+    let vm = candle_nn::VarMap::new();
+    let vb = minibatch::nn::seeded_var_builder(&vm, seed, DType::F32, &Device::Cpu);
+    let model = TrainerMlp(
+        minibatch::nn::linear(784, 64, vb.pp("fc1")).unwrap(),
+        minibatch::nn::linear(64, 10, vb.pp("fc2")).unwrap(),
+    );
+    let cfg = SgdConfig {
+        lr: 0.05,
+        momentum: 0.9,
+        ..Default::default()
+    };
+    let opt = Sgd::from_varmap(&vm, cfg).unwrap();
+    let mut b = Trainer::builder(model, vm.clone(), loader, opt)
+        .val_loader(val)
+        .epochs(1)
+        .accumulate(2)
+        .clip(minibatch::train::Clip::Norm {
+            max_norm: 1.0,
+            norm: minibatch::optim::Norm::L2,
+        })
+        .progress(ProgressMode::Silent);
+    if let Some(g) = group {
+        b = b.distributed(g);
+    }
+    let mut t = b.build().unwrap();
+    let h = t.fit().unwrap();
+    let last = h.epochs.last().unwrap();
+    let (loss, acc) = (last.val_loss.unwrap(), last.val_metrics["accuracy"]);
+    let mut names: Vec<_> = vm.data().lock().unwrap().keys().cloned().collect();
+    names.sort();
+    let data = vm.data().lock().unwrap();
+    let w = names
+        .iter()
+        .map(|n| data[n].as_tensor().copy().unwrap())
+        .collect();
+    (w, loss, acc)
+}
+
+#[test]
+#[ignore = "a rank program: run by the_trainer_on_two_ranks_is_one_process through mpirun"]
+fn rank_trainer() {
+    let group = Mpi::init().unwrap();
+    let rank = group.rank();
+    let (w, loss, acc) = fit_mlp(Some(group.clone()), 32, 20 + rank as u64);
+    let refs: Vec<&Tensor> = w.iter().collect();
+    group.or_abort(group.check_same("weights checksum after fit", checksum(&refs).unwrap()));
+    group.or_abort(group.check_same("val loss bits", loss.to_bits()));
+    if rank == 0 {
+        let named = w
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (format!("p{i}"), t.clone()))
+            .collect::<std::collections::HashMap<_, _>>();
+        candle_core::safetensors::save(&named, out_dir().join("trainer.safetensors")).unwrap();
+        std::fs::write(out_dir().join("val.txt"), format!("{loss} {acc}")).unwrap();
+    }
+}
+
+#[test]
+fn the_trainer_on_two_ranks_is_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = mpirun("rank_trainer", dir.path(), Duration::from_secs(240));
+    assert_eq!(run.code, Some(0), "mpirun failed:\n{}", run.output);
+    let got = candle_core::safetensors::load(dir.path().join("trainer.safetensors"), &Device::Cpu)
+        .unwrap();
+    let (want, loss, acc) = fit_mlp(None, 64, 20);
+    for (i, w) in want.iter().enumerate() {
+        let (g, w) = (values(&got[&format!("p{i}")]), values(w));
+        assert_eq!(g.len(), w.len());
+        let diff: f64 = g
+            .iter()
+            .zip(&w)
+            .map(|(a, b)| (a - b).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        let norm: f64 = w.iter().map(|b| b * b).sum::<f64>().sqrt();
+        assert!(
+            diff <= 1e-5 * norm,
+            "p{i}: |2 ranks - 1 process| = {diff:e}, |w| = {norm:e}"
+        );
+    }
+    let text = std::fs::read_to_string(dir.path().join("val.txt")).unwrap();
+    let v: Vec<f64> = text.split(' ').map(|x| x.parse().unwrap()).collect();
+    assert!(
+        (v[0] - loss).abs() <= 1e-5 * loss.abs(),
+        "val loss {} vs {loss}",
+        v[0]
+    );
+    assert!(
+        (v[1] - acc).abs() <= 1.5e-3,
+        "val accuracy {} vs {acc}",
+        v[1]
     );
 }

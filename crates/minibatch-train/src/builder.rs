@@ -55,6 +55,7 @@ impl<M: Model> Trainer<M> {
             resume: None,
             log_every: None,
             allow_unused_parameters: false,
+            distributed: None,
         }
     }
 }
@@ -86,6 +87,7 @@ pub struct TrainerBuilder<M> {
     pub(crate) resume: Option<Resume>,
     pub(crate) log_every: Option<u64>,
     pub(crate) allow_unused_parameters: bool,
+    pub(crate) distributed: Option<std::sync::Arc<dyn minibatch_dist::ProcessGroup>>,
 }
 
 impl<M: Model> TrainerBuilder<M> {
@@ -243,6 +245,22 @@ impl<M: Model> TrainerBuilder<M> {
         self
     }
 
+    /// Trains data-parallel over `group` (PyTorch's DDP): every rank runs
+    /// this same program; the loaders are sharded for this rank at build
+    /// (the train loader as [`DataLoader::sharded`], the validation one
+    /// uneven, so it covers the set once), so `batch_size` is per rank; the
+    /// parameters are broadcast from rank 0 (after a resume too); after
+    /// backward, at the accumulation boundary only, the gradients are averaged
+    /// over the ranks in ~25 MB buckets, before clipping. Epoch figures are
+    /// combined over the ranks (sample-weighted), so callbacks, plateau
+    /// schedules and `save_best` decide alike everywhere, and a stop asked
+    /// on any rank stops all. Only rank 0 prints, writes history, plots and
+    /// checkpoints. With [`Single`](minibatch_dist::Single) it changes nothing.
+    pub fn distributed(mut self, group: std::sync::Arc<dyn minibatch_dist::ProcessGroup>) -> Self {
+        self.distributed = Some(group);
+        self
+    }
+
     /// Lets the first optimizer step go on when some trained parameters got
     /// no gradient (parameters unused on purpose, like PyTorch DDP's
     /// `find_unused_parameters`). By default such a step is a
@@ -363,11 +381,24 @@ impl<M: Model> TrainerBuilder<M> {
             metrics.insert(0, Box::new(Accuracy::default()));
         }
         let accumulator = (self.accumulate > 1).then(|| GradAccumulator::new(vars.clone()));
+        let (mut train, mut val, mut progress, mut out_dir) =
+            (self.train, self.val, self.progress, self.out_dir);
+        let dist = match self.distributed {
+            Some(group) => {
+                let d = crate::distributed::Distributed::setup(group, &mut train, &mut val, &vars)?;
+                if !d.is_main() {
+                    progress = ProgressMode::Silent;
+                    out_dir = None;
+                }
+                Some(d)
+            }
+            None => None,
+        };
         let mut t = Trainer {
             model: self.model,
             varmap: self.varmap,
-            train: self.train,
-            val: self.val,
+            train,
+            val,
             optimizer: self.optimizer,
             step,
             scheduler: self.scheduler,
@@ -378,9 +409,9 @@ impl<M: Model> TrainerBuilder<M> {
                 accumulate: self.accumulate,
                 epochs: self.epochs,
                 max_steps: self.max_steps,
-                progress: self.progress,
+                progress,
                 checkpoint,
-                out_dir: self.out_dir,
+                out_dir,
                 log_every: self.log_every.unwrap_or(if on_cpu { 1 } else { 50 }),
                 check_grads: !self.allow_unused_parameters,
             },
@@ -397,6 +428,7 @@ impl<M: Model> TrainerBuilder<M> {
             skipped: Vec::new(),
             resume_note: None,
             frozen,
+            dist,
         };
         match self.resume {
             Some(Resume::From(p)) => t.load_checkpoint(&p)?,
@@ -404,6 +436,10 @@ impl<M: Model> TrainerBuilder<M> {
                 t.load_latest_valid_checkpoint(&root)?;
             }
             None => {}
+        }
+        if let Some(d) = &t.dist {
+            // every rank continues from rank 0's weights, fresh or resumed
+            d.broadcast(&t.vars)?;
         }
         Ok(t)
     }

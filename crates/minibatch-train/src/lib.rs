@@ -19,6 +19,7 @@
 mod builder;
 pub mod callbacks;
 pub mod checkpoint;
+mod distributed;
 pub mod error;
 mod evaluate;
 mod guard;

@@ -96,6 +96,10 @@ impl<M: Model> Trainer<M> {
             }
             self.grads_checked = true;
         }
+        if let Some(d) = &mut self.dist {
+            // the mean over the ranks, before clipping: clipping sees what one process would
+            d.reduce(grads)?;
+        }
         match self.cfg.clip {
             Some(Clip::Norm { max_norm, norm }) => {
                 minibatch_optim::clip_grad_norm(grads, &self.vars, max_norm, norm)?;

@@ -81,6 +81,11 @@ impl<M: Model> Trainer<M> {
         }
         self.log_point()?;
         let c = self.cfg.checkpoint.as_ref().expect("checked above");
+        if self.dist.as_ref().is_some_and(|d| !d.is_main()) {
+            // rank 0 alone writes; the others name what it wrote
+            self.saved_at_step = Some(self.run.step);
+            return Ok(c.dir.join(format!("step-{:09}", self.run.step)));
+        }
         let path = self.write_step(&c.dir)?;
         let best = checkpoint::read_pointer(&c.dir, "best")?;
         let latest = format!("step-{:09}", self.run.step);
@@ -113,6 +118,9 @@ impl<M: Model> Trainer<M> {
     /// At the end of an epoch: keeps the checkpoint of the best epoch so far
     /// (when `save_best` is set) as `best-step-<N>`.
     pub(crate) fn save_best_checkpoint(&mut self) -> Result<()> {
+        if self.dist.as_ref().is_some_and(|d| !d.is_main()) {
+            return Ok(()); // rank 0 alone writes
+        }
         let Some((c, (monitor, mode))) = self
             .cfg
             .checkpoint

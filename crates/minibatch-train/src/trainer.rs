@@ -117,6 +117,8 @@ pub struct Trainer<M> {
     pub(crate) resume_note: Option<String>,
     /// The `VarMap` parameters the optimizer does not hold.
     pub(crate) frozen: Vec<String>,
+    /// The group and gradient buckets of data-parallel training.
+    pub(crate) dist: Option<crate::distributed::Distributed>,
 }
 
 impl<M: Model> Trainer<M> {
@@ -314,6 +316,9 @@ impl<M: Model> Trainer<M> {
                 self.save_checkpoint()?;
             }
         }
+        if let Some(d) = &self.dist {
+            self.stop_requested = d.any(self.stop_requested)?;
+        }
         Ok(self.stop_requested || self.max_steps_reached())
     }
 
@@ -336,8 +341,14 @@ impl<M: Model> Trainer<M> {
             data_wait_share: per_s(self.clock.wait_s),
             ..Default::default()
         };
+        if let Some(d) = &self.dist {
+            d.combine_train(&mut rec, self.run.epoch_loss.count())?;
+        }
         if let Some(val) = &self.val {
-            let ev = eval(&self.model, &self.step, val, &mut self.metrics)?;
+            let mut ev = eval(&self.model, &self.step, val, &mut self.metrics)?;
+            if let Some(d) = &self.dist {
+                d.combine_eval(&mut ev)?;
+            }
             rec.val_loss = Some(ev.loss);
             rec.val_metrics = ev.metrics;
         }
@@ -351,6 +362,9 @@ impl<M: Model> Trainer<M> {
         let mut stop = self.stop_requested;
         for cb in self.callbacks.iter_mut() {
             stop |= cb.on_epoch_end(&rec)? == Control::Stop;
+        }
+        if let Some(d) = &self.dist {
+            stop = d.any(stop)?; // a stop on any rank stops all
         }
         EpochProgress::report(self.cfg.progress, self.cfg.epochs, &rec);
         self.run.history.epochs.push(rec);
