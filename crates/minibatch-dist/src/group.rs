@@ -42,6 +42,7 @@ impl Buffer<'_> {
         self.len() == 0
     }
     /// Divides every element by `world_size` (the `Mean` after a `Sum`).
+    #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
     pub(crate) fn divide(&mut self, world_size: usize) {
         if world_size <= 1 {
             return;
