@@ -58,7 +58,11 @@ pub fn safetensors_files(dir: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
 }
 
 /// Every tensor of `files` (on `device`, each converted to `dtype`), by name.
-pub fn load_tensors(files: &[PathBuf], dtype: DType, device: &Device) -> Result<HashMap<String, Tensor>> {
+pub fn load_tensors(
+    files: &[PathBuf],
+    dtype: DType,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
     let mut all = HashMap::new();
     for f in files {
         let ts = candle_core::safetensors::load(f, device)
@@ -75,9 +79,17 @@ pub fn load_tensors(files: &[PathBuf], dtype: DType, device: &Device) -> Result<
 /// Vars). `VarBuilder::from_mmaped_safetensors(&safetensors_files(dir)?, ..)`
 /// is the zero-copy alternative (unsafe: the files must not change while
 /// mapped).
-pub fn frozen_var_builder(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+pub fn frozen_var_builder(
+    dir: impl AsRef<Path>,
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>> {
     let files = safetensors_files(dir)?;
-    Ok(VarBuilder::from_tensors(load_tensors(&files, dtype, device)?, dtype, device))
+    Ok(VarBuilder::from_tensors(
+        load_tensors(&files, dtype, device)?,
+        dtype,
+        device,
+    ))
 }
 
 /// What [`load_pretrained`] did.
@@ -124,7 +136,9 @@ pub fn load_pretrained(
     names.sort();
     for name in names {
         let var = &vars[name];
-        let key = candidates(name, base_prefix).into_iter().find(|k| tensors.contains_key(k));
+        let key = candidates(name, base_prefix)
+            .into_iter()
+            .find(|k| tensors.contains_key(k));
         let Some(key) = key else {
             report.missing.push(name.clone());
             continue;
@@ -142,7 +156,11 @@ pub fn load_pretrained(
         used.insert(key);
         report.loaded.push(name.clone());
     }
-    let mut unused: Vec<String> = tensors.keys().filter(|k| !used.contains(*k)).cloned().collect();
+    let mut unused: Vec<String> = tensors
+        .keys()
+        .filter(|k| !used.contains(*k))
+        .cloned()
+        .collect();
     unused.sort();
     report.unused = unused;
     if !allow_missing && !report.missing.is_empty() {

@@ -66,7 +66,9 @@ pub(crate) fn resolve_rope(
         .or(rope_theta)
         .unwrap_or(10_000.0);
     if !(theta.is_finite() && theta > 0.0) {
-        return Err(ModelsError::Config(format!("rope_theta = {theta} must be positive")));
+        return Err(ModelsError::Config(format!(
+            "rope_theta = {theta} must be positive"
+        )));
     }
     let Some(p) = p else {
         return Ok((theta, RopeScaling::Default));
@@ -91,13 +93,20 @@ pub(crate) fn resolve_rope(
                 factor: need(p.factor, "factor")?,
                 low_freq_factor: need(p.low_freq_factor, "low_freq_factor")?,
                 high_freq_factor: need(p.high_freq_factor, "high_freq_factor")?,
-                original_max_position_embeddings: p
-                    .original_max_position_embeddings
-                    .ok_or_else(|| {
-                        ModelsError::Config("rope type llama3 needs original_max_position_embeddings".into())
-                    })?,
+                original_max_position_embeddings: p.original_max_position_embeddings.ok_or_else(
+                    || {
+                        ModelsError::Config(
+                            "rope type llama3 needs original_max_position_embeddings".into(),
+                        )
+                    },
+                )?,
             };
-            if let RopeScaling::Llama3 { low_freq_factor, high_freq_factor, .. } = s {
+            if let RopeScaling::Llama3 {
+                low_freq_factor,
+                high_freq_factor,
+                ..
+            } = s
+            {
                 if high_freq_factor <= low_freq_factor {
                     return Err(ModelsError::Config(format!(
                         "llama3 rope: high_freq_factor {high_freq_factor} must exceed low_freq_factor {low_freq_factor}"

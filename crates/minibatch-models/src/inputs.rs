@@ -24,7 +24,10 @@ pub(crate) fn check_ids(ids: &Tensor, n: usize, what: &str, table: &str) -> Resu
         )));
     }
     if b * t == 0 {
-        return Err(ModelsError::Input(format!("{what} is empty (shape {:?})", ids.dims())));
+        return Err(ModelsError::Input(format!(
+            "{what} is empty (shape {:?})",
+            ids.dims()
+        )));
     }
     let all = ids.to_dtype(DType::I64)?.flatten_all()?;
     let max = all.max(0)?.to_scalar::<i64>()?;
@@ -76,7 +79,11 @@ pub(crate) fn key_padding_mask(mask: &Tensor, b: usize, t: usize) -> Result<Tens
 
 /// `torch.nn.Embedding(padding_idx=pad)`: the looked-up rows of `pad` pass
 /// no gradient to the table (their values are unchanged).
-pub(crate) fn padding_idx(rows: Tensor, ids: &Tensor, pad: Option<usize>) -> candle_core::Result<Tensor> {
+pub(crate) fn padding_idx(
+    rows: Tensor,
+    ids: &Tensor,
+    pad: Option<usize>,
+) -> candle_core::Result<Tensor> {
     let Some(pad) = pad else { return Ok(rows) };
     let is_pad = ids.to_dtype(DType::I64)?.eq(pad as i64)?;
     if is_pad.to_dtype(DType::U32)?.sum_all()?.to_scalar::<u32>()? == 0 {
@@ -87,4 +94,3 @@ pub(crate) fn padding_idx(rows: Tensor, ids: &Tensor, pad: Option<usize>) -> can
         .broadcast_as(rows.shape())?
         .where_cond(&rows.detach(), &rows)
 }
-

@@ -44,7 +44,13 @@ impl Projection {
     /// A `torch.nn.Linear(in_dim, out_dim, bias)` read from (or created in)
     /// `vb` as `weight` and `bias`, initialised as transformers does: the
     /// weight `N(0, std)`, the bias zero.
-    pub fn linear(in_dim: usize, out_dim: usize, bias: bool, std: f64, vb: VarBuilder) -> Result<Self> {
+    pub fn linear(
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        std: f64,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let w = vb.get_with_hints((out_dim, in_dim), "weight", normal(std))?;
         let b = if bias {
             Some(vb.get_with_hints(out_dim, "bias", ZEROS)?)

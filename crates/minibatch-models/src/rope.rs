@@ -72,8 +72,8 @@ impl Rope {
                         } else if wavelen > low_wavelen {
                             f / factor
                         } else {
-                            let smooth =
-                                (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                            let smooth = (old / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
                             (1.0 - smooth) * f / factor + smooth * f
                         }
                     })
@@ -83,7 +83,12 @@ impl Rope {
     }
 
     /// `(cos, sin)` tables of shape `(positions, dim / 2)` in `dtype`.
-    pub fn tables(&self, positions: usize, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+    pub fn tables(
+        &self,
+        positions: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
         let inv = self.inv_freq();
         let h = inv.len();
         let mut cos = Vec::with_capacity(positions * h);

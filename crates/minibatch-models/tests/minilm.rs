@@ -28,7 +28,8 @@ const SENTENCES: [&str; 6] = [
 #[test]
 #[ignore = "needs MINILM_DIR (the all-MiniLM-L6-v2 model folder)"]
 fn minilm_embeddings_match_sentence_transformers() {
-    let dir = std::env::var("MINILM_DIR").expect("set MINILM_DIR to the all-MiniLM-L6-v2 model folder");
+    let dir =
+        std::env::var("MINILM_DIR").expect("set MINILM_DIR to the all-MiniLM-L6-v2 model folder");
     let dir = std::path::PathBuf::from(dir);
     let want = candle_core::safetensors::load(fixture("minilm.safetensors"), &Device::Cpu).unwrap();
     let mut tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
@@ -36,7 +37,10 @@ fn minilm_embeddings_match_sentence_transformers() {
     let enc = tok.encode_batch(SENTENCES.to_vec(), true).unwrap();
     let (n, t) = (enc.len(), enc[0].get_ids().len());
     let ids: Vec<u32> = enc.iter().flat_map(|e| e.get_ids().to_vec()).collect();
-    let mask: Vec<u32> = enc.iter().flat_map(|e| e.get_attention_mask().to_vec()).collect();
+    let mask: Vec<u32> = enc
+        .iter()
+        .flat_map(|e| e.get_attention_mask().to_vec())
+        .collect();
     let ids = Tensor::from_vec(ids, (n, t), &Device::Cpu).unwrap();
     let mask = Tensor::from_vec(mask, (n, t), &Device::Cpu).unwrap();
     // Our tokenization is the Python tokenizer's.
@@ -47,7 +51,9 @@ fn minilm_embeddings_match_sentence_transformers() {
     let cfg = Config::from_file(dir.join("config.json")).unwrap();
     let vb = frozen_var_builder(&dir, DType::F32, &Device::Cpu).unwrap();
     let bert = BertModel::load(vb, &cfg).unwrap();
-    let h = bert.forward(&ids, &ids.zeros_like().unwrap(), Some(&mask)).unwrap();
+    let h = bert
+        .forward(&ids, &ids.zeros_like().unwrap(), Some(&mask))
+        .unwrap();
     let emb = l2_normalize(&mean_pool(&h, &mask).unwrap()).unwrap();
     assert_close_rel_max(&emb, &want["embeddings"], 1e-4, "MiniLM embeddings");
 }

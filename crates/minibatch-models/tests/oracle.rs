@@ -26,10 +26,19 @@ fn check(name: &str, forward: impl Fn(VarBuilder, &HashMap<String, Tensor>) -> T
     let out_random = forward(vb.clone(), &data);
     drop(out_random);
     let report = load_pretrained(&varmap, fixture(name), None, false).expect("load");
-    assert!(report.missing.is_empty(), "{name}: missing {:?}", report.missing);
+    assert!(
+        report.missing.is_empty(),
+        "{name}: missing {:?}",
+        report.missing
+    );
     let out = forward(vb, &data);
     assert_close_rel_max(&out, &data["out"], 1e-4, &format!("{name} output"));
-    let grads = (&out * &data["r"]).unwrap().sum_all().unwrap().backward().unwrap();
+    let grads = (&out * &data["r"])
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
     let vars = varmap.data().lock().unwrap();
     let want: Vec<&String> = data.keys().filter(|k| k.starts_with("grad.")).collect();
     assert_eq!(
@@ -60,8 +69,12 @@ fn bert_matches_transformers() {
     let cfg = bert::Config::from_file(fixture("bert/config.json")).unwrap();
     check("bert", |vb, d| {
         let m = bert::BertModel::load(vb, &cfg).unwrap();
-        m.forward(&d["input_ids"], &d["token_type_ids"], Some(&d["attention_mask"]))
-            .unwrap()
+        m.forward(
+            &d["input_ids"],
+            &d["token_type_ids"],
+            Some(&d["attention_mask"]),
+        )
+        .unwrap()
     });
 }
 
@@ -71,8 +84,12 @@ fn bert_classifier_matches_transformers() {
     assert_eq!(cfg.labels(), 3);
     check("bert_cls", |vb, d| {
         let m = bert::BertForSequenceClassification::load(vb, &cfg).unwrap();
-        m.forward(&d["input_ids"], &d["token_type_ids"], Some(&d["attention_mask"]))
-            .unwrap()
+        m.forward(
+            &d["input_ids"],
+            &d["token_type_ids"],
+            Some(&d["attention_mask"]),
+        )
+        .unwrap()
     });
 }
 
@@ -118,7 +135,9 @@ fn gpt2_matches_transformers() {
 fn unmasked_forward_matches_the_unpadded_row() {
     let cfg = gpt2::Config::from_file(fixture("gpt2/config.json")).unwrap();
     let d = io("gpt2");
-    let vb = minibatch_models::checkpoint::frozen_var_builder(fixture("gpt2"), DType::F32, &Device::Cpu).unwrap();
+    let vb =
+        minibatch_models::checkpoint::frozen_var_builder(fixture("gpt2"), DType::F32, &Device::Cpu)
+            .unwrap();
     let m = gpt2::Gpt2::load(vb, &cfg).unwrap();
     let row = d["input_ids"].narrow(0, 0, 1).unwrap();
     let out = m.forward(&row).unwrap();

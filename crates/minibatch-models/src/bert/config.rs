@@ -158,7 +158,10 @@ impl Config {
         }
         for (name, p) in [
             ("hidden_dropout_prob", Some(self.hidden_dropout_prob)),
-            ("attention_probs_dropout_prob", Some(self.attention_probs_dropout_prob)),
+            (
+                "attention_probs_dropout_prob",
+                Some(self.attention_probs_dropout_prob),
+            ),
             ("classifier_dropout", self.classifier_dropout),
         ] {
             if let Some(p) = p {
@@ -175,10 +178,14 @@ impl Config {
             }
         }
         if self.is_decoder {
-            return Err(ModelsError::Unsupported("is_decoder = true (encoder BERTs only)".into()));
+            return Err(ModelsError::Unsupported(
+                "is_decoder = true (encoder BERTs only)".into(),
+            ));
         }
         if self.add_cross_attention {
-            return Err(ModelsError::Unsupported("add_cross_attention = true".into()));
+            return Err(ModelsError::Unsupported(
+                "add_cross_attention = true".into(),
+            ));
         }
         self.activation()?;
         Ok(())

@@ -157,7 +157,9 @@ impl Layer {
         let scale = 1.0 / (hd as f64).sqrt();
         let ctx = attend(&q, &k, &v, mask, false, scale, &self.attn_dropout, train)?;
         let ctx = ctx.transpose(1, 2)?.reshape((b, t, e))?;
-        let a = self.dropout.forward(&self.attention_output.forward(&ctx)?, train)?;
+        let a = self
+            .dropout
+            .forward(&self.attention_output.forward(&ctx)?, train)?;
         let x = self.attention_layer_norm.forward(&(a + x)?)?;
         let i = self.act.forward(&self.intermediate.forward(&x)?)?;
         let o = self.dropout.forward(&self.output.forward(&i)?, train)?;
@@ -194,7 +196,12 @@ impl BertModel {
     /// candle-transformers' `BertModel::forward`. `input_ids` and
     /// `token_type_ids` are `(b, t)`, `u32` or `i64`; `attention_mask`
     /// `(b, t)` marks tokens with 1 and padding with 0 (integer or float).
-    pub fn forward(&self, input_ids: &Tensor, token_type_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
         self.forward_t(input_ids, token_type_ids, attention_mask, false)
     }
 
@@ -207,7 +214,12 @@ impl BertModel {
         train: bool,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
-        let (b, t) = check_ids(input_ids, cfg.vocab_size, "input_ids", "the vocabulary (vocab_size)")?;
+        let (b, t) = check_ids(
+            input_ids,
+            cfg.vocab_size,
+            "input_ids",
+            "the vocabulary (vocab_size)",
+        )?;
         if token_type_ids.dims() != [b, t] {
             return Err(ModelsError::Input(format!(
                 "token_type_ids must have input_ids' shape ({b}, {t}), got {:?}",
@@ -215,12 +227,23 @@ impl BertModel {
             ))
             .into());
         }
-        check_ids(token_type_ids, cfg.type_vocab_size, "token_type_ids", "type_vocab_size")?;
+        check_ids(
+            token_type_ids,
+            cfg.type_vocab_size,
+            "token_type_ids",
+            "type_vocab_size",
+        )?;
         check_positions(t, cfg.max_position_embeddings, "the position table")?;
-        let mask = attention_mask.map(|m| key_padding_mask(m, b, t)).transpose()?;
+        let mask = attention_mask
+            .map(|m| key_padding_mask(m, b, t))
+            .transpose()?;
         let e = &self.embeddings;
         let pos = Tensor::arange(0u32, t as u32, input_ids.device())?;
-        let words = padding_idx(e.word_embeddings.forward(input_ids)?, input_ids, cfg.pad_token_id)?;
+        let words = padding_idx(
+            e.word_embeddings.forward(input_ids)?,
+            input_ids,
+            cfg.pad_token_id,
+        )?;
         let x = words
             .add(&e.token_type_embeddings.forward(token_type_ids)?)?
             .broadcast_add(&e.position_embeddings.forward(&pos)?)?;
@@ -264,7 +287,12 @@ impl BertForSequenceClassification {
     }
 
     /// Logits `(b, num_labels)` in eval mode.
-    pub fn forward(&self, input_ids: &Tensor, token_type_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
         self.forward_t(input_ids, token_type_ids, attention_mask, false)
     }
 
@@ -276,7 +304,9 @@ impl BertForSequenceClassification {
         attention_mask: Option<&Tensor>,
         train: bool,
     ) -> Result<Tensor> {
-        let h = self.bert.forward_t(input_ids, token_type_ids, attention_mask, train)?;
+        let h = self
+            .bert
+            .forward_t(input_ids, token_type_ids, attention_mask, train)?;
         let first = h.narrow(1, 0, 1)?.squeeze(1)?;
         let pooled = self.pooler.forward(&first)?.tanh()?;
         let pooled = self.dropout.forward(&pooled, train)?;

@@ -130,7 +130,10 @@ impl Config {
             }
         }
         if self.n_embd % self.n_head != 0 {
-            return bad(format!("n_embd {} is not a multiple of n_head {}", self.n_embd, self.n_head));
+            return bad(format!(
+                "n_embd {} is not a multiple of n_head {}",
+                self.n_embd, self.n_head
+            ));
         }
         for (name, p) in [
             ("resid_pdrop", self.resid_pdrop),
@@ -142,7 +145,9 @@ impl Config {
             }
         }
         if self.add_cross_attention {
-            return Err(ModelsError::Unsupported("add_cross_attention = true".into()));
+            return Err(ModelsError::Unsupported(
+                "add_cross_attention = true".into(),
+            ));
         }
         self.activation()?;
         Ok(())

@@ -96,7 +96,11 @@ impl Block {
         // transformers: the residual projections are N(0, 0.02 / sqrt(2 n_layer)).
         let proj_std = std / (2.0 * cfg.n_layer as f64).sqrt();
         let hd = e / cfg.n_head;
-        let mut scale = if cfg.scale_attn_weights { 1.0 / (hd as f64).sqrt() } else { 1.0 };
+        let mut scale = if cfg.scale_attn_weights {
+            1.0 / (hd as f64).sqrt()
+        } else {
+            1.0
+        };
         if cfg.scale_attn_by_inverse_layer_idx {
             scale /= (index + 1) as f64;
         }
@@ -123,12 +127,27 @@ impl Block {
         let qkv = self.c_attn.forward(&a)?.reshape((b, t, 3, h, hd))?;
         let part = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2);
         let (q, k, v) = (part(0)?, part(1)?, part(2)?);
-        let o = attend(&q, &k, &v, mask, true, self.scale, &self.attn_dropout, train)?;
+        let o = attend(
+            &q,
+            &k,
+            &v,
+            mask,
+            true,
+            self.scale,
+            &self.attn_dropout,
+            train,
+        )?;
         let o = o.transpose(1, 2)?.reshape((b, t, e))?;
-        let o = self.resid_dropout.forward(&self.attn_c_proj.forward(&o)?, train)?;
+        let o = self
+            .resid_dropout
+            .forward(&self.attn_c_proj.forward(&o)?, train)?;
         let x = (x + o)?;
-        let m = self.act.forward(&self.c_fc.forward(&self.ln_2.forward(&x)?)?)?;
-        let m = self.resid_dropout.forward(&self.mlp_c_proj.forward(&m)?, train)?;
+        let m = self
+            .act
+            .forward(&self.c_fc.forward(&self.ln_2.forward(&x)?)?)?;
+        let m = self
+            .resid_dropout
+            .forward(&self.mlp_c_proj.forward(&m)?, train)?;
         x + m
     }
 }
@@ -143,8 +162,12 @@ impl Gpt2 {
         cfg.validate()?;
         let (e, std) = (cfg.n_embd, cfg.initializer_range);
         let t = vb.pp("transformer");
-        let wte = t.pp("wte").get_with_hints((cfg.vocab_size, e), "weight", normal(std))?;
-        let wpe = t.pp("wpe").get_with_hints((cfg.n_positions, e), "weight", normal(std))?;
+        let wte = t
+            .pp("wte")
+            .get_with_hints((cfg.vocab_size, e), "weight", normal(std))?;
+        let wpe = t
+            .pp("wpe")
+            .get_with_hints((cfg.n_positions, e), "weight", normal(std))?;
         let blocks = (0..cfg.n_layer)
             .map(|i| Block::load(t.pp(format!("h.{i}")), cfg, i))
             .collect::<Result<Vec<_>>>()?;
@@ -178,19 +201,39 @@ impl Gpt2 {
 
     /// [`forward`](Self::forward) with an optional padding mask `(b, t)`
     /// (1 = token, 0 = padding; pad on the right) and the train flag.
-    pub fn forward_masked(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+    pub fn forward_masked(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
         let h = self.hidden_states(input_ids, attention_mask, train)?;
         self.lm_head.forward(&h)
     }
 
     /// The hidden states after `ln_f`, `(b, t, n_embd)`.
-    pub fn hidden_states(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+    pub fn hidden_states(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
         let cfg = &self.cfg;
-        let (b, t) = check_ids(input_ids, cfg.vocab_size, "input_ids", "the vocabulary (vocab_size)")?;
+        let (b, t) = check_ids(
+            input_ids,
+            cfg.vocab_size,
+            "input_ids",
+            "the vocabulary (vocab_size)",
+        )?;
         check_positions(t, cfg.n_positions, "the position table")?;
-        let mask = attention_mask.map(|m| key_padding_mask(m, b, t)).transpose()?;
+        let mask = attention_mask
+            .map(|m| key_padding_mask(m, b, t))
+            .transpose()?;
         let pos = Tensor::arange(0u32, t as u32, input_ids.device())?;
-        let x = self.wte.forward(input_ids)?.broadcast_add(&self.wpe.forward(&pos)?)?;
+        let x = self
+            .wte
+            .forward(input_ids)?
+            .broadcast_add(&self.wpe.forward(&pos)?)?;
         let mut x = self.drop.forward(&x, train)?;
         for block in &self.blocks {
             x = block.forward(&x, mask.as_ref(), train)?;

@@ -117,7 +117,13 @@ impl Config {
 
     /// A small config for tests and examples (random init): the given
     /// sizes, transformers' defaults elsewhere.
-    pub fn small(vocab_size: usize, hidden_size: usize, layers: usize, heads: usize, kv_heads: usize) -> Self {
+    pub fn small(
+        vocab_size: usize,
+        hidden_size: usize,
+        layers: usize,
+        heads: usize,
+        kv_heads: usize,
+    ) -> Self {
         Self {
             vocab_size,
             hidden_size,
@@ -200,10 +206,16 @@ impl Config {
             ));
         }
         if self.head_size() % 2 != 0 {
-            return bad(format!("head_dim {} must be even (rotary embedding)", self.head_size()));
+            return bad(format!(
+                "head_dim {} must be even (rotary embedding)",
+                self.head_size()
+            ));
         }
         if !(0.0..1.0).contains(&self.attention_dropout) {
-            return bad(format!("attention_dropout {} must be in [0, 1)", self.attention_dropout));
+            return bad(format!(
+                "attention_dropout {} must be in [0, 1)",
+                self.attention_dropout
+            ));
         }
         self.activation()?;
         self.rope()?;

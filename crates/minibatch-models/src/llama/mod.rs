@@ -123,7 +123,14 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let hd = self.head_dim;
         // (b, t, heads, hd), rotated in that layout, attended as (b, heads, t, hd) views.
@@ -142,7 +149,12 @@ impl Attention {
 
 impl Mlp {
     fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
-        let (e, i, std, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.initializer_range, cfg.mlp_bias);
+        let (e, i, std, bias) = (
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.initializer_range,
+            cfg.mlp_bias,
+        );
         Ok(Self {
             gate_proj: Projection::linear(e, i, bias, std, vb.pp("gate_proj"))?,
             up_proj: Projection::linear(e, i, bias, std, vb.pp("up_proj"))?,
@@ -172,7 +184,14 @@ impl DecoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
         let h = self.input_layernorm.forward(x)?;
         let x = (x + self.self_attn.forward(&h, cos, sin, mask, train)?)?;
         let h = self.post_attention_layernorm.forward(&x)?;
@@ -189,9 +208,11 @@ impl Llama {
     pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
         cfg.validate()?;
         let std = cfg.initializer_range;
-        let emb = vb
-            .pp("model.embed_tokens")
-            .get_with_hints((cfg.vocab_size, cfg.hidden_size), "weight", normal(std))?;
+        let emb = vb.pp("model.embed_tokens").get_with_hints(
+            (cfg.vocab_size, cfg.hidden_size),
+            "weight",
+            normal(std),
+        )?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::load(vb.pp(format!("model.layers.{i}")), cfg))
             .collect::<Result<Vec<_>>>()?;
@@ -199,7 +220,13 @@ impl Llama {
         let lm_head = if cfg.tie_word_embeddings {
             Projection::Linear(minibatch_nn::Linear::new(emb.clone(), None))
         } else {
-            Projection::linear(cfg.hidden_size, cfg.vocab_size, false, std, vb.pp("lm_head"))?
+            Projection::linear(
+                cfg.hidden_size,
+                cfg.vocab_size,
+                false,
+                std,
+                vb.pp("lm_head"),
+            )?
         };
         let rope = cfg.rope()?;
         let (cos, sin) = rope.tables(cfg.max_position_embeddings, vb.dtype(), vb.device())?;
@@ -232,22 +259,43 @@ impl Llama {
     /// (attention dropout when `attention_dropout > 0`). Padding keys are
     /// hidden from every query; positions count from 0 in each row, as
     /// transformers does without explicit `position_ids` (pad on the right).
-    pub fn forward_masked(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+    pub fn forward_masked(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
         let h = self.hidden_states(input_ids, attention_mask, train)?;
         self.lm_head.forward(&h)
     }
 
     /// The final hidden states `(b, t, hidden)` (after `model.norm`, before
     /// the head).
-    pub fn hidden_states(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
-        let (b, t) = check_ids(input_ids, self.cfg.vocab_size, "input_ids", "the vocabulary (vocab_size)")?;
-        let mask = attention_mask.map(|m| key_padding_mask(m, b, t)).transpose()?;
+    pub fn hidden_states(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (b, t) = check_ids(
+            input_ids,
+            self.cfg.vocab_size,
+            "input_ids",
+            "the vocabulary (vocab_size)",
+        )?;
+        let mask = attention_mask
+            .map(|m| key_padding_mask(m, b, t))
+            .transpose()?;
         let (cos, sin) = if t <= self.cos.dim(0)? {
             (self.cos.narrow(0, 0, t)?, self.sin.narrow(0, 0, t)?)
         } else {
             self.rope.tables(t, self.cos.dtype(), self.cos.device())?
         };
-        let mut x = padding_idx(self.embed_tokens.forward(input_ids)?, input_ids, self.cfg.pad_token_id)?;
+        let mut x = padding_idx(
+            self.embed_tokens.forward(input_ids)?,
+            input_ids,
+            self.cfg.pad_token_id,
+        )?;
         for layer in &self.layers {
             x = layer.forward(&x, &cos, &sin, mask.as_ref(), train)?;
         }

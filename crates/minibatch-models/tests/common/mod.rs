@@ -46,7 +46,10 @@ pub fn assert_close_rel_max_floor(a: &Tensor, b: &Tensor, tol: f64, floor: f64, 
     assert_eq!(va.len(), vb.len(), "{what}: lengths differ");
     assert!(!vb.is_empty(), "{what}: empty");
     let scale = vb.iter().fold(floor, |m, x| m.max(x.abs()));
-    assert!(scale.is_finite() && scale > 0.0, "{what}: expected values are all zero or not finite");
+    assert!(
+        scale.is_finite() && scale > 0.0,
+        "{what}: expected values are all zero or not finite"
+    );
     let mut worst = (0usize, 0.0f64);
     for (i, (x, y)) in va.iter().zip(&vb).enumerate() {
         assert!(x.is_finite() && y.is_finite(), "{what}[{i}]: {x} vs {y}");
