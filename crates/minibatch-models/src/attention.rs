@@ -11,6 +11,7 @@ use minibatch_nn::Dropout;
 /// `(b, hk, tk, d)` (`hk` divides `h`), `mask` a `u8` key-padding mask
 /// `(b, 1, 1, tk)` (non-zero = a token). `dropout` applies to the
 /// attention weights when `train`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn attend(
     q: &Tensor,
     k: &Tensor,

@@ -145,12 +145,12 @@ mod tests {
 
     #[test]
     fn exp_f32_is_within_two_ulp_of_libm_and_handles_the_edges() {
-        let mut worst = 0;
+        let mut worst: u32 = 0;
         let mut x = -103.0f32;
         while x < 88.7 {
             let (a, b) = (exp_f32(x), (x as f64).exp() as f32);
             if b >= f32::MIN_POSITIVE {
-                worst = worst.max(ulps(a, b));
+                worst = Ord::max(worst, ulps(a, b));
             } else {
                 assert!((a - b).abs() <= 2.0 * f32::from_bits(1), "{x}: {a} vs {b}");
             }

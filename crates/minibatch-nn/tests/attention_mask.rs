@@ -106,12 +106,8 @@ fn fused_kernel_matches_tensor_path() {
         // Padding (the last row of the batch sees no key), a dense per-head
         // mask read through a transposed (strided) layout.
         let mut pad = vec![0f64; b * tk];
-        for j in tk - 2..tk {
-            pad[j] = f64::NEG_INFINITY;
-        }
-        for j in 0..tk {
-            pad[(b - 1) * tk + j] = f64::NEG_INFINITY;
-        }
+        pad[tk - 2..tk].fill(f64::NEG_INFINITY);
+        pad[(b - 1) * tk..b * tk].fill(f64::NEG_INFINITY);
         let pad = Tensor::from_vec(pad, (b, 1, 1, tk), &Device::Cpu).unwrap();
         let dense = randn(&[b, h, tk, tq], DType::F64, s + 4)
             .transpose(2, 3)

@@ -63,7 +63,7 @@ fn gradients_match_finite_differences() {
     let r = draw(64, 4).reshape((8, 8)).unwrap();
     both_paths(|_| {
         check_gradients_fd(
-            &[x.clone()],
+            std::slice::from_ref(&x),
             |v| (silu(&v[0])? * &r)?.sum_all(),
             1e-6,
             Tol::new(1e-8, 1e-6),

@@ -120,14 +120,14 @@ impl Distributed {
         for v in rec.train_metrics.values_mut() {
             *v = self.mean(*v, samples)?;
         }
-        let wall = self.group.all_gather_f64(rec.epoch_time_s)?;
+        let wall = self.group.all_gather_f64(rec.epoch_time_s.unwrap_or(0.0))?;
         let slowest = wall.iter().copied().fold(0.0, f64::max);
         let all: u64 = self.group.all_gather_u64(samples)?.iter().sum();
-        rec.epoch_time_s = slowest;
+        rec.epoch_time_s = Some(slowest);
         rec.samples_per_s = if slowest > 0.0 {
-            all as f64 / slowest
+            Some(all as f64 / slowest)
         } else {
-            0.0
+            Some(0.0)
         };
         Ok(())
     }

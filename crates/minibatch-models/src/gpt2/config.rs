@@ -129,7 +129,7 @@ impl Config {
                 return bad(format!("{name} must be positive"));
             }
         }
-        if self.n_embd % self.n_head != 0 {
+        if !self.n_embd.is_multiple_of(self.n_head) {
             return bad(format!(
                 "n_embd {} is not a multiple of n_head {}",
                 self.n_embd, self.n_head
