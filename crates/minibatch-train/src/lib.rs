@@ -16,6 +16,7 @@
 //! the examples here name this crate directly.
 #![warn(missing_docs)]
 
+mod averaged;
 mod builder;
 pub mod callbacks;
 pub mod checkpoint;
@@ -38,6 +39,7 @@ mod state;
 mod step;
 mod trainer;
 
+pub use averaged::AveragedWeights;
 pub use builder::TrainerBuilder;
 pub use callbacks::{Callback, Control, EarlyStopping, FnCallback, Mode};
 pub use error::{Result, TrainError};
