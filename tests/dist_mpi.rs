@@ -182,6 +182,28 @@ fn values(t: &Tensor) -> Vec<f64> {
     v
 }
 
+/// `|a - b|₂` of two equally long vectors (a length mismatch fails).
+fn l2_dist(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).powi(2))
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// Asserts `|got - want|₂ ≤ 1e-5 · |want|₂` (the relative weight difference
+/// of the 2-rank tests; NaN or inf fails) and returns the difference.
+fn assert_rel_l2(got: &[f64], want: &[f64], what: &str) -> f64 {
+    let diff = l2_dist(got, want);
+    let norm = want.iter().map(|b| b * b).sum::<f64>().sqrt();
+    assert!(
+        diff <= 1e-5 * norm,
+        "{what}: |2 ranks - 1 process| = {diff:e}, |w| = {norm:e}"
+    );
+    diff
+}
+
 #[test]
 #[ignore = "a rank program: run by two_ranks_at_32_equal_one_process_at_64 through mpirun"]
 fn rank_mlp_steps() {
@@ -211,27 +233,10 @@ fn two_ranks_at_32_equal_one_process_at_64() {
     let want = train_mlp(&Single, 64, 1);
     let init = Mlp::new(1);
     for (i, w) in want.iter().enumerate() {
-        let g = values(&got[&format!("p{i}")]);
         let w = values(w);
-        assert_eq!(g.len(), w.len(), "p{i}: length");
-        let diff: f64 = g
-            .iter()
-            .zip(&w)
-            .map(|(a, b)| (a - b).powi(2))
-            .sum::<f64>()
-            .sqrt();
-        let norm: f64 = w.iter().map(|b| b * b).sum::<f64>().sqrt();
-        assert!(
-            diff <= 1e-5 * norm,
-            "p{i}: |2 ranks - 1 process| = {diff:e}, |w| = {norm:e}"
-        );
+        let diff = assert_rel_l2(&values(&got[&format!("p{i}")]), &w, &format!("p{i}"));
         // and the weights did move: the comparison is not of two initializations
-        let moved: f64 = values(init.vars[i].as_tensor())
-            .iter()
-            .zip(&w)
-            .map(|(a, b)| (a - b).powi(2))
-            .sum::<f64>()
-            .sqrt();
+        let moved = l2_dist(&values(init.vars[i].as_tensor()), &w);
         assert!(moved > 1e3 * diff.max(1e-12), "p{i}: moved {moved:e} only");
     }
 }
@@ -349,16 +354,21 @@ fn rank_killed() {
     }
 }
 
-#[test]
-fn a_killed_rank_ends_the_job_within_30_s() {
-    let dir = tempfile::tempdir().unwrap();
-    let run = mpirun("rank_killed", dir.path(), Duration::from_secs(60));
+/// The job failed, and within 30 s of its start.
+fn assert_ended_within_30_s(run: &Run) {
     assert_ne!(run.code, Some(0), "the job succeeded:\n{}", run.output);
     assert!(
         run.elapsed < Duration::from_secs(30),
         "took {:?}",
         run.elapsed
     );
+}
+
+#[test]
+fn a_killed_rank_ends_the_job_within_30_s() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = mpirun("rank_killed", dir.path(), Duration::from_secs(60));
+    assert_ended_within_30_s(&run);
     assert!(
         run.output.contains("rank 1"),
         "no rank named:\n{}",
@@ -387,12 +397,7 @@ fn rank_fails() {
 fn a_failing_rank_aborts_the_job_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let run = mpirun("rank_fails", dir.path(), Duration::from_secs(60));
-    assert_ne!(run.code, Some(0), "the job succeeded:\n{}", run.output);
-    assert!(
-        run.elapsed < Duration::from_secs(30),
-        "took {:?}",
-        run.elapsed
-    );
+    assert_ended_within_30_s(&run);
     assert!(
         run.output.contains("rank 1 of 2 failed") && run.output.contains("not contiguous"),
         "the error does not name the rank and the problem:\n{}",
@@ -492,18 +497,10 @@ fn the_trainer_on_two_ranks_is_one_process() {
         .unwrap();
     let (want, loss, acc) = fit_mlp(None, 64, 20);
     for (i, w) in want.iter().enumerate() {
-        let (g, w) = (values(&got[&format!("p{i}")]), values(w));
-        assert_eq!(g.len(), w.len());
-        let diff: f64 = g
-            .iter()
-            .zip(&w)
-            .map(|(a, b)| (a - b).powi(2))
-            .sum::<f64>()
-            .sqrt();
-        let norm: f64 = w.iter().map(|b| b * b).sum::<f64>().sqrt();
-        assert!(
-            diff <= 1e-5 * norm,
-            "p{i}: |2 ranks - 1 process| = {diff:e}, |w| = {norm:e}"
+        assert_rel_l2(
+            &values(&got[&format!("p{i}")]),
+            &values(w),
+            &format!("p{i}"),
         );
     }
     let text = std::fs::read_to_string(dir.path().join("val.txt")).unwrap();

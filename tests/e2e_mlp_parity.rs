@@ -30,19 +30,6 @@ fn sgd_config(h: &serde_json::Value) -> SgdConfig {
     }
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 fn replay(case: &serde_json::Value, dev: &Device, lean: bool) {
     let file = common::reference_dir().join(case["file"].as_str().unwrap());
     let t: HashMap<String, Tensor> = candle_core::safetensors::load(&file, dev).unwrap();
@@ -133,10 +120,11 @@ fn replay(case: &serde_json::Value, dev: &Device, lean: bool) {
         );
     }
     for name in ["w1", "b1", "w2", "b2"] {
-        let d = max_abs_diff(vars[name].as_tensor(), &t[&format!("{name}.final")]);
-        assert!(
-            f64::from(d) < tol,
-            "{name}.final differs by {d} on {dev:?} (lean Linear: {lean})"
+        minibatch_testkit::assert_close(
+            vars[name].as_tensor(),
+            &t[&format!("{name}.final")],
+            minibatch_testkit::Tol::abs(tol).strict(),
+            &format!("{name}.final on {dev:?} (lean Linear: {lean})"),
         );
     }
 }

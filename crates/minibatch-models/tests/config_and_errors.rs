@@ -262,7 +262,12 @@ fn sharded_checkpoints_load() {
     let out = m
         .forward_masked(&d["input_ids"], Some(&d["attention_mask"]), false)
         .unwrap();
-    common::assert_close_rel_max(&out, &d["out"], 1e-4, "sharded llama");
+    minibatch_testkit::assert_close(
+        &out,
+        &d["out"],
+        minibatch_testkit::Tol::rel_to_max(1e-4),
+        "sharded llama",
+    );
     // A directory without a checkpoint says so.
     let empty = tempfile::tempdir().unwrap();
     let e = safetensors_files(empty.path()).unwrap_err().to_string();

@@ -11,10 +11,11 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{assert_close_rel_max, fixture};
+use common::fixture;
 use minibatch_models::bert::{BertModel, Config};
 use minibatch_models::checkpoint::frozen_var_builder;
 use minibatch_models::pooling::{l2_normalize, mean_pool};
+use minibatch_testkit::{assert_close, Tol};
 
 const SENTENCES: [&str; 6] = [
     "A man is eating food.",
@@ -55,5 +56,10 @@ fn minilm_embeddings_match_sentence_transformers() {
         .forward(&ids, &ids.zeros_like().unwrap(), Some(&mask))
         .unwrap();
     let emb = l2_normalize(&mean_pool(&h, &mask).unwrap()).unwrap();
-    assert_close_rel_max(&emb, &want["embeddings"], 1e-4, "MiniLM embeddings");
+    assert_close(
+        &emb,
+        &want["embeddings"],
+        Tol::rel_to_max(1e-4),
+        "MiniLM embeddings",
+    );
 }

@@ -12,9 +12,10 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use common::{assert_close_rel_max, assert_close_rel_max_floor, fixture, io, max_abs};
+use common::{fixture, io, max_abs};
 use minibatch_models::checkpoint::load_pretrained;
 use minibatch_models::{bert, gpt2, llama};
+use minibatch_testkit::{assert_close, Tol};
 
 /// Builds a model over a fresh VarMap, fills it from `fixtures/<name>/`,
 /// runs `forward` and checks the output and every gradient.
@@ -32,7 +33,12 @@ fn check(name: &str, forward: impl Fn(VarBuilder, &HashMap<String, Tensor>) -> T
         report.missing
     );
     let out = forward(vb, &data);
-    assert_close_rel_max(&out, &data["out"], 1e-4, &format!("{name} output"));
+    assert_close(
+        &out,
+        &data["out"],
+        Tol::rel_to_max(1e-4),
+        &format!("{name} output"),
+    );
     let grads = (&out * &data["r"])
         .unwrap()
         .sum_all()
@@ -60,7 +66,12 @@ fn check(name: &str, forward: impl Fn(VarBuilder, &HashMap<String, Tensor>) -> T
         let g = grads
             .get(var.as_tensor())
             .unwrap_or_else(|| panic!("{name}: {pname} got no gradient"));
-        assert_close_rel_max_floor(g, &data[key], 1e-3, floor, &format!("{name} grad {pname}"));
+        assert_close(
+            g,
+            &data[key],
+            Tol::rel_to_max(1e-3).floor(floor),
+            &format!("{name} grad {pname}"),
+        );
     }
 }
 
@@ -141,5 +152,10 @@ fn unmasked_forward_matches_the_unpadded_row() {
     let m = gpt2::Gpt2::load(vb, &cfg).unwrap();
     let row = d["input_ids"].narrow(0, 0, 1).unwrap();
     let out = m.forward(&row).unwrap();
-    assert_close_rel_max(&out, &d["out"].narrow(0, 0, 1).unwrap(), 1e-4, "gpt2 row 0");
+    assert_close(
+        &out,
+        &d["out"].narrow(0, 0, 1).unwrap(),
+        Tol::rel_to_max(1e-4),
+        "gpt2 row 0",
+    );
 }
