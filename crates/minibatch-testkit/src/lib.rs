@@ -17,6 +17,10 @@
 //! The message names `what`, how many elements failed, and the worst element:
 //! its index, actual and expected values, error and bound.
 //!
+//! [`check_rel_l2_slice`] / [`assert_rel_l2_slice`] are the norm-wise
+//! variant (`|actual − expected|₂ ≤ rel · |expected|₂`) with the same length
+//! and non-finite rules.
+//!
 //! ```
 //! use minibatch_testkit::{check_close_slice, Tol};
 //! assert!(check_close_slice(&[1.0, 2.0], &[1.0, 2.0 + 1e-13], Tol::abs(1e-12), "v").is_ok());
@@ -318,6 +322,65 @@ pub fn assert_close(actual: &Tensor, expected: &Tensor, tol: Tol, what: &str) {
     }
 }
 
+/// The norm-wise comparison: `|actual − expected|₂ ≤ rel · |expected|₂`,
+/// for whole parameter vectors where single elements may move (the
+/// data-parallel tests, whose summation order differs across ranks). Returns
+/// the distance `|actual − expected|₂`.
+///
+/// It fails on a length mismatch and on any NaN or ±inf in either vector
+/// (a norm of a non-finite vector says nothing), naming `what` and the first
+/// non-finite index.
+///
+/// ```
+/// use minibatch_testkit::check_rel_l2_slice;
+/// assert!(check_rel_l2_slice(&[3.0, 4.0], &[3.0, 4.0 + 1e-6], 1e-6, "w").is_ok());
+/// assert!(check_rel_l2_slice(&[3.0, 4.1], &[3.0, 4.0], 1e-6, "w").is_err());
+/// ```
+pub fn check_rel_l2_slice(
+    actual: &[f64],
+    expected: &[f64],
+    rel: f64,
+    what: &str,
+) -> Result<f64, String> {
+    if actual.len() != expected.len() {
+        return Err(format!(
+            "{what}: length {} but expected length {}",
+            actual.len(),
+            expected.len()
+        ));
+    }
+    for (which, v) in [("actual", actual), ("expected", expected)] {
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            return Err(format!(
+                "{what}: {which} element {i} is {} (non-finite)",
+                v[i]
+            ));
+        }
+    }
+    let dist = actual
+        .iter()
+        .zip(expected)
+        .map(|(a, e)| (a - e) * (a - e))
+        .sum::<f64>()
+        .sqrt();
+    let norm = expected.iter().map(|e| e * e).sum::<f64>().sqrt();
+    if dist <= rel * norm {
+        Ok(dist)
+    } else {
+        Err(format!(
+            "{what}: |actual - expected|₂ = {dist:e} > {rel:e} · |expected|₂ = {:e} (|expected|₂ = {norm:e}, {} elements)",
+            rel * norm,
+            expected.len()
+        ))
+    }
+}
+
+/// [`check_rel_l2_slice`], panicking with its message; returns the distance.
+#[track_caller]
+pub fn assert_rel_l2_slice(actual: &[f64], expected: &[f64], rel: f64, what: &str) -> f64 {
+    check_rel_l2_slice(actual, expected, rel, what).unwrap_or_else(|msg| panic!("{msg}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -367,6 +430,27 @@ mod tests {
         let err = check_close_slice(&[], &[1.0], Tol::abs(1.0), "grads").unwrap_err();
         assert!(err.contains("grads") && err.contains("length 0"), "{err}");
         assert!(check_close_slice(&[1.0, 2.0], &[1.0], Tol::abs(1.0), "v").is_err());
+    }
+
+    #[test]
+    fn rel_l2_bounds_the_norm_and_fails_on_non_finite_and_length() {
+        let d = assert_rel_l2_slice(&[3.0, 4.0], &[3.0, 4.0], 0.0, "same");
+        assert_eq!(d, 0.0);
+        // |(0, 1e-5)| = 1e-5 ≤ 1e-5 · 5 but not ≤ 1e-6 · 5.
+        assert!(check_rel_l2_slice(&[3.0, 4.00001], &[3.0, 4.0], 1e-5, "w").is_ok());
+        let err = check_rel_l2_slice(&[3.0, 4.00001], &[3.0, 4.0], 1e-6, "w").unwrap_err();
+        assert!(err.starts_with("w: |actual - expected|"), "{err}");
+        for bad in [NAN, INF, -INF] {
+            let err = check_rel_l2_slice(&[1.0, bad], &[1.0, 1.0], 1e300, "w").unwrap_err();
+            assert!(
+                err.contains("actual element 1") && err.contains("non-finite"),
+                "{err}"
+            );
+            assert!(check_rel_l2_slice(&[1.0, 1.0], &[bad, 1.0], 1e300, "w").is_err());
+        }
+        let err = check_rel_l2_slice(&[], &[1.0], 1e300, "w").unwrap_err();
+        assert!(err.contains("length 0"), "{err}");
+        assert!(check_rel_l2_slice(&[1.0, 2.0], &[1.0], 1e300, "w").is_err());
     }
 
     #[test]
