@@ -1,13 +1,14 @@
 //! # minibatch
 //!
 //! Real mini-batch training for [candle](https://github.com/huggingface/candle)
-//! models, with PyTorch's semantics: this crate re-exports the three member
+//! models, with PyTorch's semantics: this crate re-exports the member
 //! crates and gathers the names a training script needs in [`prelude`].
 //!
 //! | module | crate | what it holds |
 //! |---|---|---|
 //! | [`data`] | `minibatch-data` | `Dataset`, `TensorDataset`, samplers, the seeded `DataLoader`, MNIST and IDX |
 //! | [`dist`] | `minibatch-dist` | data-parallel training: `ProcessGroup` (`Single`, MPI, NCCL), gradient buckets |
+//! | [`models`] | `minibatch-models` | BERT, Llama and GPT-2 ports that load Hugging Face checkpoints and train; pooling, gradient checkpointing |
 //! | [`nn`] | `minibatch-nn` | drop-in candle-nn layers and ops with real, fast backward passes |
 //! | [`optim`] | `minibatch-optim` | `Optimizer`, `UpdateRule`, `Sgd`, `Adam`, `AdamW`, `RmsProp`, `Adagrad`, schedules, clipping, saved state |
 //! | [`train`] | `minibatch-train` | `Trainer` (fit/evaluate), metrics, callbacks, history, plots, checkpoints |

@@ -44,6 +44,7 @@ mod inputs;
 pub mod llama;
 pub mod pooling;
 mod projection;
+mod recompute;
 pub mod rope;
 
 pub use activation::Activation;

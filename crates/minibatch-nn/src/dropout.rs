@@ -89,6 +89,19 @@ pub fn set_rng_step(step: u64) {
     RNG_STEP.with(|c| c.set((step, 0, true)));
 }
 
+/// The dropout key of this thread: `(step, call index, explicit)`.
+pub(crate) type RngState = (u64, u64, bool);
+
+/// This thread's dropout key, for [`crate::recompute`] to replay a forward pass.
+pub(crate) fn rng_state() -> RngState {
+    RNG_STEP.with(Cell::get)
+}
+
+/// Restores a key read by [`rng_state`].
+pub(crate) fn set_rng_state(state: RngState) {
+    RNG_STEP.with(|c| c.set(state));
+}
+
 /// The `(step, call index, explicit)` key of the next mask, advancing the call index.
 fn next_key() -> (u64, u64, bool) {
     RNG_STEP.with(|c| {

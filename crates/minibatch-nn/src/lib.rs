@@ -23,6 +23,7 @@ mod layer_norm;
 mod linear;
 pub mod loss;
 pub mod ops;
+pub mod recompute;
 mod rms_norm;
 pub mod rotary_emb;
 mod split;

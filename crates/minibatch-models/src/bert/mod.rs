@@ -27,6 +27,7 @@ use crate::attention::attend;
 use crate::error::ModelsError;
 use crate::inputs::{check_ids, check_positions, key_padding_mask, padding_idx};
 use crate::projection::{normal, Projection, ONES, ZEROS};
+use crate::recompute;
 
 fn layer_norm(size: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
     let w = vb.get_with_hints(size, "weight", ONES)?;
@@ -103,6 +104,7 @@ pub struct BertModel {
     /// `encoder.layer`.
     pub layers: Vec<Layer>,
     cfg: Config,
+    gradient_checkpointing: bool,
 }
 
 impl Embeddings {
@@ -184,7 +186,23 @@ impl BertModel {
             embeddings,
             layers,
             cfg: cfg.clone(),
+            gradient_checkpointing: false,
         })
+    }
+
+    /// The same model with gradient checkpointing on or off
+    /// (transformers' `gradient_checkpointing_enable()`): in training passes
+    /// each encoder layer keeps only its input, and the backward pass
+    /// recomputes its activations, dropout masks included (see
+    /// [`minibatch_nn::recompute`]).
+    pub fn with_gradient_checkpointing(mut self, on: bool) -> Self {
+        self.gradient_checkpointing = on;
+        self
+    }
+
+    /// Whether gradient checkpointing is on.
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.gradient_checkpointing
     }
 
     /// The configuration.
@@ -248,8 +266,10 @@ impl BertModel {
             .add(&e.token_type_embeddings.forward(token_type_ids)?)?
             .broadcast_add(&e.position_embeddings.forward(&pos)?)?;
         let mut x = e.dropout.forward(&e.layer_norm.forward(&x)?, train)?;
+        let on = self.gradient_checkpointing && train;
         for layer in &self.layers {
-            x = layer.forward(&x, mask.as_ref(), train)?;
+            let (l, m) = (layer.clone(), mask.clone());
+            x = recompute::block(on, &x, move |h| l.forward(h, m.as_ref(), train))?;
         }
         Ok(x)
     }

@@ -25,6 +25,7 @@ use crate::activation::Activation;
 use crate::attention::attend;
 use crate::inputs::{check_ids, check_positions, key_padding_mask};
 use crate::projection::{normal, Projection, ONES, ZEROS};
+use crate::recompute;
 
 fn layer_norm(size: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
     let w = vb.get_with_hints(size, "weight", ONES)?;
@@ -88,6 +89,7 @@ pub struct Gpt2 {
     pub lm_head: Projection,
     drop: Dropout,
     cfg: Config,
+    gradient_checkpointing: bool,
 }
 
 impl Block {
@@ -185,7 +187,22 @@ impl Gpt2 {
             lm_head,
             drop: Dropout::new(cfg.embd_pdrop),
             cfg: cfg.clone(),
+            gradient_checkpointing: false,
         })
+    }
+
+    /// The same model with gradient checkpointing on or off
+    /// (transformers' `gradient_checkpointing_enable()`): in training passes
+    /// each block keeps only its input, and the backward pass recomputes its
+    /// activations (see [`minibatch_nn::recompute`]).
+    pub fn with_gradient_checkpointing(mut self, on: bool) -> Self {
+        self.gradient_checkpointing = on;
+        self
+    }
+
+    /// Whether gradient checkpointing is on.
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.gradient_checkpointing
     }
 
     /// The configuration.
@@ -235,8 +252,10 @@ impl Gpt2 {
             .forward(input_ids)?
             .broadcast_add(&self.wpe.forward(&pos)?)?;
         let mut x = self.drop.forward(&x, train)?;
+        let on = self.gradient_checkpointing && train;
         for block in &self.blocks {
-            x = block.forward(&x, mask.as_ref(), train)?;
+            let (bl, m) = (block.clone(), mask.clone());
+            x = recompute::block(on, &x, move |h| bl.forward(h, m.as_ref(), train))?;
         }
         self.ln_f.forward(&x)
     }

@@ -26,6 +26,7 @@ use crate::activation::Activation;
 use crate::attention::attend;
 use crate::inputs::{check_ids, key_padding_mask, padding_idx};
 use crate::projection::{normal, Projection, ONES};
+use crate::recompute;
 use crate::rope::Rope;
 
 /// One attention block's projections and sizes.
@@ -105,6 +106,7 @@ pub struct Llama {
     rope: Rope,
     cos: Tensor,
     sin: Tensor,
+    gradient_checkpointing: bool,
 }
 
 impl Attention {
@@ -239,7 +241,23 @@ impl Llama {
             rope,
             cos,
             sin,
+            gradient_checkpointing: false,
         })
+    }
+
+    /// The same model with gradient checkpointing on or off
+    /// (transformers' `gradient_checkpointing_enable()`): in training passes
+    /// each decoder layer keeps only its input, and the backward pass
+    /// recomputes its activations (the same gradients, to the bit, for less
+    /// memory and one more forward pass; see [`minibatch_nn::recompute`]).
+    pub fn with_gradient_checkpointing(mut self, on: bool) -> Self {
+        self.gradient_checkpointing = on;
+        self
+    }
+
+    /// Whether gradient checkpointing is on.
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.gradient_checkpointing
     }
 
     /// The configuration.
@@ -296,8 +314,10 @@ impl Llama {
             input_ids,
             self.cfg.pad_token_id,
         )?;
+        let on = self.gradient_checkpointing && train;
         for layer in &self.layers {
-            x = layer.forward(&x, &cos, &sin, mask.as_ref(), train)?;
+            let (l, c, s, m) = (layer.clone(), cos.clone(), sin.clone(), mask.clone());
+            x = recompute::block(on, &x, move |h| l.forward(h, &c, &s, m.as_ref(), train))?;
         }
         self.norm.forward(&x)
     }
