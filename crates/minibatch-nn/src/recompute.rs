@@ -9,15 +9,16 @@
 //! tensor keeps its whole graph (every intermediate activation) alive until
 //! the backward pass. [`checkpoint`] runs `f` on a detached copy of the input,
 //! detaches the result and drops that graph, so the block's intermediates are
-//! freed at once. What stays in the graph is one node, `y = op(x, θ)`, whose
-//! inputs are the block input `x` and `θ`, the block's trainable parameters
-//! flattened into one vector (one copy of them: the edge through which their
-//! gradients reach the parameters).
+//! freed at once. What stays in the graph is one node, `y = op(x, λ)`, whose
+//! inputs are the block input `x` and `λ`, a one-element tensor computed from
+//! the block's parameters by a chain of small link nodes: the edges through
+//! which their gradients reach the parameters, at no copy of them.
 //!
 //! When the backward pass reaches that node with `∂L/∂y`, it runs `f` again
 //! on a Var copy of `x` (the same ops, so the same values), takes the
 //! gradient of `Σ y ⊙ ∂L/∂y` inside the block with candle's own backward,
-//! and hands `∂L/∂x` and `∂L/∂θ` on. Dropout masks are the same in both
+//! and hands `∂L/∂x` on; the link nodes, which the backward pass reaches
+//! right after, hand each parameter its gradient. Dropout masks are the same in both
 //! runs: the [`Dropout`](crate::Dropout) key (step and call index) is saved
 //! before the forward pass and replayed for the recomputation. The gradients
 //! are those of a run without checkpointing (the same ops in the same order;
@@ -25,16 +26,18 @@
 //!
 //! # Cost
 //!
-//! Memory: per block, its input and output and the copy of its parameters
-//! instead of all its intermediates; during the backward pass, one block's
-//! intermediates at a time. Time: one more forward pass of each block and
-//! the parameter copy (PyTorch's trade: about a third more per step).
+//! Memory: per block, its input and output instead of all its intermediates;
+//! during the backward pass, one block's intermediates and gradients at a
+//! time. Time: one more forward pass of each block (PyTorch's trade: about a
+//! third more per step).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Storage, Tensor, TensorId, Var};
+use candle_core::backend::{BackendDevice, BackendStorage};
+use candle_core::{
+    CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor, TensorId, Var,
+};
 
 use crate::dropout::{rng_state, set_rng_state, RngState};
 
@@ -84,30 +87,121 @@ where
     }
     let y0 = y.detach();
     drop(y); // the block's intermediates go with its graph
-    let theta = if params.is_empty() {
-        // An untracked placeholder: only x needs a gradient.
-        Tensor::zeros(1, x.dtype(), x.device())?
-    } else {
-        let dtype = params[0].dtype();
-        if let Some(p) = params.iter().find(|p| p.dtype() != dtype) {
-            candle_core::bail!(
-                "checkpoint: the block's parameters have dtypes {dtype:?} and {:?}: one dtype per block",
-                p.dtype()
-            );
-        }
-        let flat = params
-            .iter()
-            .map(|p| p.flatten_all())
-            .collect::<Result<Vec<_>>>()?;
-        Tensor::cat(&flat, 0)?
-    };
+    let grads = Grads::default();
+    let link = link(&params, &grads, x)?;
     let op = Recompute {
         f: Arc::new(f),
         params,
         rng,
         output: Mutex::new(Some(y0)),
+        grads,
     };
-    x.apply_op2_arc(&theta, Arc::new(Box::new(op)))
+    x.apply_op2_arc(&link, Arc::new(Box::new(op)))
+}
+
+/// The parameters' gradients, from the recomputation to the link nodes.
+type Grads = Arc<Mutex<HashMap<TensorId, Tensor>>>;
+
+fn lock(grads: &Grads) -> Result<std::sync::MutexGuard<'_, HashMap<TensorId, Tensor>>> {
+    grads
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("checkpoint: poisoned gradient lock".into()))
+}
+
+/// `λ`: the parameters chained by [`Link`] nodes, two more per node (a lone
+/// parameter is its own `λ`; none gives an untracked placeholder).
+fn link(params: &[Tensor], grads: &Grads, like: &Tensor) -> Result<Tensor> {
+    let placeholder = || Tensor::zeros(1, like.dtype(), like.device());
+    let Some((first, rest)) = params.split_first() else {
+        return placeholder();
+    };
+    let mut acc = first.clone();
+    for pair in rest.chunks(2) {
+        let b = match pair.get(1) {
+            Some(b) => b.clone(),
+            None => placeholder()?,
+        };
+        let node = Link {
+            grads: grads.clone(),
+        };
+        acc = acc.apply_op3_arc(&pair[0], &b, Arc::new(Box::new(node)))?;
+    }
+    Ok(acc)
+}
+
+/// A gradient for `arg` of the backward pass: the parameter's own, taken
+/// from `grads`, or zero for a link node (a one-element tensor whose value
+/// nothing reads); none for an untracked placeholder.
+fn grad_for(arg: &Tensor, grads: &Grads) -> Result<Option<Tensor>> {
+    if !arg.track_op() {
+        return Ok(None);
+    }
+    match lock(grads)?.remove(&arg.id()) {
+        Some(g) => Ok(Some(g)),
+        None => Ok(Some(arg.zeros_like()?)),
+    }
+}
+
+/// A one-element zero of `s`'s dtype on `s`'s device.
+fn one_zero<S>(s: &S) -> Result<(S, Shape)>
+where
+    S: BackendStorage,
+    S::Device: BackendDevice<Storage = S>,
+{
+    let shape = Shape::from(1);
+    Ok((s.device().zeros_impl(&shape, s.dtype())?, shape))
+}
+
+/// A link of `λ`: its value is a one-element zero; its backward pass hands
+/// out the gradients the recomputation left in `grads`.
+struct Link {
+    grads: Grads,
+}
+
+impl CustomOp3 for Link {
+    fn name(&self) -> &'static str {
+        "checkpoint-link"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        one_zero(s)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        one_zero(s)
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        _res: &Tensor,
+        _grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        Ok((
+            grad_for(a, &self.grads)?,
+            grad_for(b, &self.grads)?,
+            grad_for(c, &self.grads)?,
+        ))
+    }
 }
 
 /// The `Var`s that `y`'s graph reaches, in the graph's order.
@@ -123,12 +217,14 @@ fn vars_of(y: &Tensor) -> Vec<Tensor> {
 /// beforehand, backward recomputes the block.
 struct Recompute {
     f: Arc<BlockFn>,
-    /// The Vars the block reads, in the order of θ.
+    /// The Vars the block reads.
     params: Vec<Tensor>,
     /// The dropout key before the forward pass.
     rng: RngState,
     /// The block output, taken by the forward pass.
     output: Mutex<Option<Tensor>>,
+    /// Where the recomputation leaves the parameters' gradients.
+    grads: Grads,
 }
 
 impl Recompute {
@@ -195,7 +291,7 @@ impl CustomOp2 for Recompute {
     fn bwd(
         &self,
         x: &Tensor,
-        _theta: &Tensor,
+        link: &Tensor,
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -235,19 +331,18 @@ impl CustomOp2 for Recompute {
             }),
             None => None,
         };
-        let grad_theta = if self.params.is_empty() {
-            None
-        } else {
-            let flat = self
-                .params
-                .iter()
-                .map(|p| match grads.get(p) {
-                    Some(g) => g.flatten_all(),
-                    None => p.zeros_like()?.flatten_all(),
-                })
-                .collect::<Result<Vec<_>>>()?;
-            Some(Tensor::cat(&flat, 0)?)
-        };
-        Ok((grad_x, grad_theta))
+        {
+            let mut cache = lock(&self.grads)?;
+            for p in &self.params {
+                let g = match grads.get(p) {
+                    Some(g) => g.clone(),
+                    None => p.zeros_like()?,
+                };
+                cache.insert(p.id(), g);
+            }
+        }
+        // λ is a lone parameter (its gradient), a link (zero) or untracked.
+        let grad_link = grad_for(link, &self.grads)?;
+        Ok((grad_x, grad_link))
     }
 }

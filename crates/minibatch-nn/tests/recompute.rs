@@ -119,6 +119,21 @@ fn checkpointed_gradients_equal_plain_ones_bit_for_bit() {
 }
 
 #[test]
+fn a_block_shared_by_two_positions_sums_its_gradients_as_without() {
+    // Tied weights: the same block at positions 0 and 1.
+    let mut rng = ChaCha8Rng::seed_from_u64(6);
+    let b0 = Block::new(&mut rng);
+    let blocks = vec![b0.clone(), b0, Block::new(&mut rng)];
+    let x = Var::from_tensor(&randn(&mut rng, &[3, D], 1.0)).unwrap();
+    let r = randn(&mut rng, &[3, D], 1.0);
+    let (_, plain) = run(&blocks, &x, &r, false);
+    let (_, ckpt) = run(&blocks, &x, &r, true);
+    for (i, (c, p)) in ckpt.iter().zip(&plain).enumerate() {
+        assert_close(c, p, Tol::bits(), &format!("gradient {i}"));
+    }
+}
+
+#[test]
 fn vars_reached_through_views_get_their_gradient() {
     // A Conv1D-style weight used through its transpose, and a Var reached
     // only through a reshape: both found by the graph walk.
