@@ -134,6 +134,13 @@ fn llama_matches_peft_logits_sgd_steps_and_merge() {
         n += 1;
     }
     assert_eq!(n, 4);
+    let q = model.layers[1].self_attn.q_proj.lora().unwrap();
+    assert_close(
+        &q.merged_weight().unwrap(),
+        &d["merged.model.layers.1.self_attn.q_proj.weight"],
+        Tol::rel_to_max(1e-4),
+        "LoraLayer::merged_weight",
+    );
     for (k, t) in &base {
         if !k.contains("q_proj") && !k.contains("v_proj") {
             assert_close(&merged[k], t, Tol::bits(), k);
@@ -282,6 +289,35 @@ fn gpt2_conv1d_matches_peft() {
         assert!(m.blocks[0].c_attn.lora().is_some() && m.blocks[0].c_fc.lora().is_none());
         Box::new(move |ids| m.forward(ids).unwrap())
     });
+}
+
+#[test]
+fn gpt2_lora_layer_merges_conv1d_as_peft() {
+    let d = data("lora_gpt2.safetensors");
+    let adapter = lora::load_adapter(fixture("lora_gpt2/adapter"), DType::F32, &DEV).unwrap();
+    assert!(adapter.meta.fan_in_fan_out);
+    let cfg = gpt2::Config::from_file(fixture("lora_gpt2/base/config.json")).unwrap();
+    let varmap = VarMap::new();
+    let m = gpt2::Gpt2::load_lora(
+        frozen_var_builder(fixture("lora_gpt2/base"), DType::F32, &DEV).unwrap(),
+        &cfg,
+        &adapter.config,
+        VarBuilder::from_varmap(&varmap, DType::F32, &DEV),
+    )
+    .unwrap();
+    adapter.fill(&varmap).unwrap();
+    let l = m.blocks[1].c_attn.lora().unwrap();
+    assert_eq!(l.module(), "transformer.h.1.attn.c_attn");
+    assert_eq!(l.lora_a().dims(), [2, 16]);
+    assert_eq!(l.lora_b().dims(), [48, 2]);
+    let w = l.merged_weight().unwrap();
+    assert_eq!(w.dims(), [16, 48], "Conv1D layout (in, out)");
+    assert_close(
+        &w,
+        &d["merged.transformer.h.1.attn.c_attn.weight"],
+        Tol::rel_to_max(1e-5),
+        "merged c_attn",
+    );
 }
 
 #[test]
