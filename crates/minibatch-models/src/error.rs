@@ -20,6 +20,10 @@ pub enum ModelsError {
     /// A checkpoint that is missing, unreadable, or does not fit the model.
     #[error("checkpoint: {0}")]
     Checkpoint(String),
+    /// A LoRA configuration, adapter file or VarMap that cannot be used
+    /// (the message names the field, key or shapes).
+    #[error("lora: {0}")]
+    Lora(String),
     /// An error from candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -11,6 +11,9 @@
 //! | [`llama`] | `LlamaForCausalLM` | `models::llama` |
 //! | [`gpt2`] | `GPT2LMHeadModel` | `models::bigcode` (the GPT-2 family) |
 //!
+//! [`lora`] adds PEFT's LoRA adapters to any of them (`load_lora`), and
+//! saves and loads PEFT's adapter files.
+//!
 //! Each port has a `Config` read from Hugging Face's `config.json` (both
 //! transformers 4 and 5 files; unknown fields ignored, unsupported values an
 //! error naming them) and a `load(vb, &cfg)` that creates every parameter
@@ -42,6 +45,7 @@ mod error;
 pub mod gpt2;
 mod inputs;
 pub mod llama;
+pub mod lora;
 pub mod pooling;
 mod projection;
 mod recompute;

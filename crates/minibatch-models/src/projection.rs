@@ -5,6 +5,8 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 use minibatch_nn::Linear;
 
+use crate::lora::LoraLayer;
+
 /// One affine map `y = x Wᵀ + b` of a port, run by [`minibatch_nn::Linear`]
 /// (a fused CPU forward and a lean backward).
 ///
@@ -26,6 +28,11 @@ pub enum Projection {
         /// The layer over `weight.t()`.
         linear: Linear,
     },
+    /// A projection with a LoRA adapter ([`crate::lora`]): the base map plus
+    /// `(alpha / r) · B (A (dropout(x)))`. [`weight`](Self::weight),
+    /// [`bias`](Self::bias) and [`as_linear`](Self::as_linear) are the base
+    /// map's.
+    Lora(Box<LoraLayer>),
 }
 
 /// `N(0, std)`, transformers' `_init_weights` for linear and embedding weights.
@@ -77,6 +84,7 @@ impl Projection {
         match self {
             Self::Linear(l) => l.weight(),
             Self::Conv1d { weight, .. } => weight,
+            Self::Lora(l) => l.base().weight(),
         }
     }
 
@@ -85,20 +93,42 @@ impl Projection {
         match self {
             Self::Linear(l) => l.bias(),
             Self::Conv1d { linear, .. } => linear.bias(),
+            Self::Lora(l) => l.base().bias(),
         }
     }
 
-    /// The layer that runs it (`weight` is `(out, in)` there).
+    /// The layer that runs it (`weight` is `(out, in)` there); for
+    /// [`Lora`](Self::Lora), the base layer, without the adapter.
     pub fn as_linear(&self) -> &Linear {
         match self {
             Self::Linear(l) => l,
             Self::Conv1d { linear, .. } => linear,
+            Self::Lora(l) => l.base().as_linear(),
+        }
+    }
+
+    /// The LoRA adapter, when this projection has one.
+    pub fn lora(&self) -> Option<&LoraLayer> {
+        match self {
+            Self::Lora(l) => Some(l),
+            _ => None,
+        }
+    }
+
+    /// The output, with the adapter's dropout when `train` (the other
+    /// variants have no dropout: `train` changes nothing there).
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        match self {
+            Self::Lora(l) => l.forward_t(x, train),
+            p => p.as_linear().forward(x),
         }
     }
 }
 
 impl Module for Projection {
+    /// The output in eval mode ([`forward_t`](Projection::forward_t) with
+    /// `train = false`).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.as_linear().forward(x)
+        self.forward_t(x, false)
     }
 }

@@ -128,3 +128,37 @@ fn bert_gradients_are_the_same_with_checkpointing_padding_and_dropout() {
         (h * &r).unwrap().sum_all().unwrap()
     });
 }
+
+#[test]
+fn lora_adapter_gradients_are_the_same_with_checkpointing() {
+    // The PEFT fixture: a frozen base (constants) and trainable adapters with
+    // dropout in training, checkpointed per decoder layer.
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/lora_llama");
+    let dev = Device::Cpu;
+    let cfg = llama::Config::from_file(format!("{dir}/base/config.json")).unwrap();
+    let adapter =
+        minibatch_models::lora::load_adapter(format!("{dir}/adapter"), DType::F32, &dev).unwrap();
+    let mut lora = adapter.config.clone();
+    lora.dropout = 0.1;
+    let base =
+        minibatch_models::checkpoint::frozen_var_builder(format!("{dir}/base"), DType::F32, &dev)
+            .unwrap();
+    let varmap = VarMap::new();
+    let model = llama::Llama::load_lora(
+        base,
+        &cfg,
+        &lora,
+        seeded_var_builder(&varmap, 0, DType::F32, &dev),
+    )
+    .unwrap();
+    adapter.fill(&varmap).unwrap();
+    let x = ids(2, 8, cfg.vocab_size as u32);
+    let r = pattern((2, 8, cfg.vocab_size));
+    compare(&varmap, "llama lora", |on| {
+        let m = model.clone().with_gradient_checkpointing(on);
+        (m.forward_t(&x, true).unwrap() * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+    });
+}

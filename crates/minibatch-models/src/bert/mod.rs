@@ -26,6 +26,7 @@ use crate::activation::Activation;
 use crate::attention::attend;
 use crate::error::ModelsError;
 use crate::inputs::{check_ids, check_positions, key_padding_mask, padding_idx};
+use crate::lora::{build_with, Adapt, LoraConfig};
 use crate::projection::{normal, Projection, ONES, ZEROS};
 use crate::recompute;
 
@@ -125,14 +126,16 @@ impl Embeddings {
 }
 
 impl Layer {
-    fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+    fn load(vb: VarBuilder, cfg: &Config, ad: &Adapt) -> Result<Self> {
         let (e, i, std, eps) = (
             cfg.hidden_size,
             cfg.intermediate_size,
             cfg.initializer_range,
             cfg.layer_norm_eps,
         );
-        let lin = |a: usize, b: usize, name: &str| Projection::linear(a, b, true, std, vb.pp(name));
+        let lin = |a: usize, b: usize, name: &str| {
+            ad.wrap(name, Projection::linear(a, b, true, std, vb.pp(name))?)
+        };
         Ok(Self {
             query: lin(e, e, "attention.self.query")?,
             key: lin(e, e, "attention.self.key")?,
@@ -153,7 +156,9 @@ impl Layer {
         let (b, t, e) = x.dims3()?;
         let (h, hd) = (self.heads, e / self.heads);
         let split = |p: &Projection| -> Result<Tensor> {
-            p.forward(x)?.reshape((b, t, h, hd))?.transpose(1, 2)
+            p.forward_t(x, train)?
+                .reshape((b, t, h, hd))?
+                .transpose(1, 2)
         };
         let (q, k, v) = (split(&self.query)?, split(&self.key)?, split(&self.value)?);
         let scale = 1.0 / (hd as f64).sqrt();
@@ -161,10 +166,12 @@ impl Layer {
         let ctx = ctx.transpose(1, 2)?.reshape((b, t, e))?;
         let a = self
             .dropout
-            .forward(&self.attention_output.forward(&ctx)?, train)?;
+            .forward(&self.attention_output.forward_t(&ctx, train)?, train)?;
         let x = self.attention_layer_norm.forward(&(a + x)?)?;
-        let i = self.act.forward(&self.intermediate.forward(&x)?)?;
-        let o = self.dropout.forward(&self.output.forward(&i)?, train)?;
+        let i = self.act.forward(&self.intermediate.forward_t(&x, train)?)?;
+        let o = self
+            .dropout
+            .forward(&self.output.forward_t(&i, train)?, train)?;
         self.output_layer_norm.forward(&(o + x)?)
     }
 }
@@ -177,10 +184,39 @@ impl BertModel {
     /// initializer_range)` weights, zero biases, unit LayerNorms; the
     /// padding row of the word embeddings is not zeroed).
     pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        Self::build(vb, cfg, &Adapt::none())
+    }
+
+    /// The model with LoRA adapters ([`crate::lora`]): the base parameters
+    /// from `base` (a frozen
+    /// [`checkpoint::frozen_var_builder`](crate::checkpoint::frozen_var_builder);
+    /// `base.pp("bert")` for a checkpoint saved with a head), the adapters
+    /// of the projections `lora` targets (`query`, `key`, `value`, `dense`,
+    /// `attention.output.dense`, `intermediate.dense`, `output.dense`)
+    /// created in (or read from) `adapters` under the keys PEFT saves for a
+    /// `BertModel`,
+    /// `base_model.model.encoder.layer.N.attention.self.query.lora_A.weight`
+    /// `(r, in)` and `...lora_B.weight` `(out, r)`.
+    ///
+    /// Errors: a bad `lora` ([`LoraConfig::validate`]), a target module
+    /// that matches no module, and whatever [`load`](Self::load) reports.
+    pub fn load_lora(
+        base: VarBuilder,
+        cfg: &Config,
+        lora: &LoraConfig,
+        adapters: VarBuilder,
+    ) -> crate::Result<Self> {
+        build_with(lora, adapters, |ad| Self::build(base, cfg, ad))
+    }
+
+    fn build(vb: VarBuilder, cfg: &Config, ad: &Adapt) -> Result<Self> {
         cfg.validate()?;
         let embeddings = Embeddings::load(vb.pp("embeddings"), cfg)?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| Layer::load(vb.pp(format!("encoder.layer.{i}")), cfg))
+            .map(|i| {
+                let name = format!("encoder.layer.{i}");
+                Layer::load(vb.pp(&name), cfg, &ad.pp(&name))
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             embeddings,

@@ -24,6 +24,7 @@ use minibatch_nn::{Dropout, Embedding, LayerNorm, Linear};
 use crate::activation::Activation;
 use crate::attention::attend;
 use crate::inputs::{check_ids, check_positions, key_padding_mask};
+use crate::lora::{build_with, Adapt, LoraConfig};
 use crate::projection::{normal, Projection, ONES, ZEROS};
 use crate::recompute;
 
@@ -93,7 +94,7 @@ pub struct Gpt2 {
 }
 
 impl Block {
-    fn load(vb: VarBuilder, cfg: &Config, index: usize) -> Result<Self> {
+    fn load(vb: VarBuilder, cfg: &Config, index: usize, ad: &Adapt) -> Result<Self> {
         let (e, std, eps) = (cfg.n_embd, cfg.initializer_range, cfg.layer_norm_epsilon);
         // transformers: the residual projections are N(0, 0.02 / sqrt(2 n_layer)).
         let proj_std = std / (2.0 * cfg.n_layer as f64).sqrt();
@@ -106,13 +107,16 @@ impl Block {
         if cfg.scale_attn_by_inverse_layer_idx {
             scale /= (index + 1) as f64;
         }
+        let conv = |i: usize, o: usize, std: f64, name: &str| {
+            ad.wrap(name, Projection::conv1d(i, o, std, vb.pp(name))?)
+        };
         Ok(Self {
             ln_1: layer_norm(e, eps, vb.pp("ln_1"))?,
-            c_attn: Projection::conv1d(e, 3 * e, std, vb.pp("attn.c_attn"))?,
-            attn_c_proj: Projection::conv1d(e, e, proj_std, vb.pp("attn.c_proj"))?,
+            c_attn: conv(e, 3 * e, std, "attn.c_attn")?,
+            attn_c_proj: conv(e, e, proj_std, "attn.c_proj")?,
             ln_2: layer_norm(e, eps, vb.pp("ln_2"))?,
-            c_fc: Projection::conv1d(e, cfg.inner(), std, vb.pp("mlp.c_fc"))?,
-            mlp_c_proj: Projection::conv1d(cfg.inner(), e, proj_std, vb.pp("mlp.c_proj"))?,
+            c_fc: conv(e, cfg.inner(), std, "mlp.c_fc")?,
+            mlp_c_proj: conv(cfg.inner(), e, proj_std, "mlp.c_proj")?,
             heads: cfg.n_head,
             scale,
             act: cfg.activation()?,
@@ -126,7 +130,10 @@ impl Block {
         let (h, hd) = (self.heads, e / self.heads);
         let a = self.ln_1.forward(x)?;
         // (b, t, 3, h, hd): q, k, v as strided (b, h, t, hd) views, no copies.
-        let qkv = self.c_attn.forward(&a)?.reshape((b, t, 3, h, hd))?;
+        let qkv = self
+            .c_attn
+            .forward_t(&a, train)?
+            .reshape((b, t, 3, h, hd))?;
         let part = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2);
         let (q, k, v) = (part(0)?, part(1)?, part(2)?);
         let o = attend(
@@ -142,14 +149,14 @@ impl Block {
         let o = o.transpose(1, 2)?.reshape((b, t, e))?;
         let o = self
             .resid_dropout
-            .forward(&self.attn_c_proj.forward(&o)?, train)?;
+            .forward(&self.attn_c_proj.forward_t(&o, train)?, train)?;
         let x = (x + o)?;
         let m = self
             .act
-            .forward(&self.c_fc.forward(&self.ln_2.forward(&x)?)?)?;
+            .forward(&self.c_fc.forward_t(&self.ln_2.forward(&x)?, train)?)?;
         let m = self
             .resid_dropout
-            .forward(&self.mlp_c_proj.forward(&m)?, train)?;
+            .forward(&self.mlp_c_proj.forward_t(&m, train)?, train)?;
         x + m
     }
 }
@@ -161,6 +168,32 @@ impl Gpt2 {
     /// the residual projections `N(0, initializer_range / √(2·n_layer))`,
     /// zero biases, unit LayerNorms).
     pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        Self::build(vb, cfg, &Adapt::none())
+    }
+
+    /// The model with LoRA adapters ([`crate::lora`]): the base parameters
+    /// from `base` (a frozen
+    /// [`checkpoint::frozen_var_builder`](crate::checkpoint::frozen_var_builder)),
+    /// the adapters of the projections `lora` targets (`c_attn`, `c_proj`,
+    /// `c_fc`, `attn.c_proj`, `mlp.c_proj`, `lm_head`) created in (or read
+    /// from) `adapters` under PEFT's keys,
+    /// `base_model.model.transformer.h.N.attn.c_attn.lora_A.weight` `(r,
+    /// in)` and `...lora_B.weight` `(out, r)`. The `Conv1D` weights stay
+    /// `(in, out)`; as in PEFT (which sets `fan_in_fan_out` for them) the
+    /// adapters have the `nn.Linear` layout.
+    ///
+    /// Errors: a bad `lora` ([`LoraConfig::validate`]), a target module
+    /// that matches no module, and whatever [`load`](Self::load) reports.
+    pub fn load_lora(
+        base: VarBuilder,
+        cfg: &Config,
+        lora: &LoraConfig,
+        adapters: VarBuilder,
+    ) -> crate::Result<Self> {
+        build_with(lora, adapters, |ad| Self::build(base, cfg, ad))
+    }
+
+    fn build(vb: VarBuilder, cfg: &Config, ad: &Adapt) -> Result<Self> {
         cfg.validate()?;
         let (e, std) = (cfg.n_embd, cfg.initializer_range);
         let t = vb.pp("transformer");
@@ -171,7 +204,10 @@ impl Gpt2 {
             .pp("wpe")
             .get_with_hints((cfg.n_positions, e), "weight", normal(std))?;
         let blocks = (0..cfg.n_layer)
-            .map(|i| Block::load(t.pp(format!("h.{i}")), cfg, i))
+            .map(|i| {
+                let name = format!("h.{i}");
+                Block::load(t.pp(&name), cfg, i, &ad.pp("transformer").pp(&name))
+            })
             .collect::<Result<Vec<_>>>()?;
         let ln_f = layer_norm(e, cfg.layer_norm_epsilon, t.pp("ln_f"))?;
         let lm_head = if cfg.tie_word_embeddings {
@@ -179,6 +215,7 @@ impl Gpt2 {
         } else {
             Projection::linear(e, cfg.vocab_size, false, std, vb.pp("lm_head"))?
         };
+        let lm_head = ad.wrap("lm_head", lm_head)?;
         Ok(Self {
             wte: Embedding::new(wte, e),
             wpe: Embedding::new(wpe, e),
@@ -225,7 +262,7 @@ impl Gpt2 {
         train: bool,
     ) -> Result<Tensor> {
         let h = self.hidden_states(input_ids, attention_mask, train)?;
-        self.lm_head.forward(&h)
+        self.lm_head.forward_t(&h, train)
     }
 
     /// The hidden states after `ln_f`, `(b, t, n_embd)`.

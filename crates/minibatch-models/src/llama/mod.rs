@@ -25,6 +25,7 @@ use minibatch_nn::{Dropout, Embedding, RmsNorm};
 use crate::activation::Activation;
 use crate::attention::attend;
 use crate::inputs::{check_ids, key_padding_mask, padding_idx};
+use crate::lora::{build_with, Adapt, LoraConfig};
 use crate::projection::{normal, Projection, ONES};
 use crate::recompute;
 use crate::rope::Rope;
@@ -110,14 +111,17 @@ pub struct Llama {
 }
 
 impl Attention {
-    fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+    fn load(vb: VarBuilder, cfg: &Config, ad: &Adapt) -> Result<Self> {
         let (h, hk, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_size());
         let (e, std, bias) = (cfg.hidden_size, cfg.initializer_range, cfg.attention_bias);
+        let lin = |i: usize, o: usize, name: &str| {
+            ad.wrap(name, Projection::linear(i, o, bias, std, vb.pp(name))?)
+        };
         Ok(Self {
-            q_proj: Projection::linear(e, h * hd, bias, std, vb.pp("q_proj"))?,
-            k_proj: Projection::linear(e, hk * hd, bias, std, vb.pp("k_proj"))?,
-            v_proj: Projection::linear(e, hk * hd, bias, std, vb.pp("v_proj"))?,
-            o_proj: Projection::linear(h * hd, e, bias, std, vb.pp("o_proj"))?,
+            q_proj: lin(e, h * hd, "q_proj")?,
+            k_proj: lin(e, hk * hd, "k_proj")?,
+            v_proj: lin(e, hk * hd, "v_proj")?,
+            o_proj: lin(h * hd, e, "o_proj")?,
             heads: h,
             kv_heads: hk,
             head_dim: hd,
@@ -136,38 +140,45 @@ impl Attention {
         let (b, t, _) = x.dims3()?;
         let hd = self.head_dim;
         // (b, t, heads, hd), rotated in that layout, attended as (b, heads, t, hd) views.
-        let q = self.q_proj.forward(x)?.reshape((b, t, self.heads, hd))?;
-        let k = self.k_proj.forward(x)?.reshape((b, t, self.kv_heads, hd))?;
-        let v = self.v_proj.forward(x)?.reshape((b, t, self.kv_heads, hd))?;
+        let q = self.q_proj.forward_t(x, train)?;
+        let q = q.reshape((b, t, self.heads, hd))?;
+        let k = self.k_proj.forward_t(x, train)?;
+        let k = k.reshape((b, t, self.kv_heads, hd))?;
+        let v = self.v_proj.forward_t(x, train)?;
+        let v = v.reshape((b, t, self.kv_heads, hd))?;
         let q = rope_thd(&q, cos, sin)?.transpose(1, 2)?;
         let k = rope_thd(&k, cos, sin)?.transpose(1, 2)?;
         let v = v.transpose(1, 2)?;
         let scale = 1.0 / (hd as f64).sqrt();
         let o = attend(&q, &k, &v, mask, true, scale, &self.dropout, train)?;
         let o = o.transpose(1, 2)?.reshape((b, t, self.heads * hd))?;
-        self.o_proj.forward(&o)
+        self.o_proj.forward_t(&o, train)
     }
 }
 
 impl Mlp {
-    fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+    fn load(vb: VarBuilder, cfg: &Config, ad: &Adapt) -> Result<Self> {
         let (e, i, std, bias) = (
             cfg.hidden_size,
             cfg.intermediate_size,
             cfg.initializer_range,
             cfg.mlp_bias,
         );
+        let lin = |a: usize, o: usize, name: &str| {
+            ad.wrap(name, Projection::linear(a, o, bias, std, vb.pp(name))?)
+        };
         Ok(Self {
-            gate_proj: Projection::linear(e, i, bias, std, vb.pp("gate_proj"))?,
-            up_proj: Projection::linear(e, i, bias, std, vb.pp("up_proj"))?,
-            down_proj: Projection::linear(i, e, bias, std, vb.pp("down_proj"))?,
+            gate_proj: lin(e, i, "gate_proj")?,
+            up_proj: lin(e, i, "up_proj")?,
+            down_proj: lin(i, e, "down_proj")?,
             act: cfg.activation()?,
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.act.forward(&self.gate_proj.forward(x)?)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let gate = self.act.forward(&self.gate_proj.forward_t(x, train)?)?;
+        let up = self.up_proj.forward_t(x, train)?;
+        self.down_proj.forward_t(&(gate * up)?, train)
     }
 }
 
@@ -176,13 +187,13 @@ fn rms_norm(size: usize, eps: f64, vb: VarBuilder) -> Result<RmsNorm> {
 }
 
 impl DecoderLayer {
-    fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+    fn load(vb: VarBuilder, cfg: &Config, ad: &Adapt) -> Result<Self> {
         let (e, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
         Ok(Self {
             input_layernorm: rms_norm(e, eps, vb.pp("input_layernorm"))?,
-            self_attn: Attention::load(vb.pp("self_attn"), cfg)?,
+            self_attn: Attention::load(vb.pp("self_attn"), cfg, &ad.pp("self_attn"))?,
             post_attention_layernorm: rms_norm(e, eps, vb.pp("post_attention_layernorm"))?,
-            mlp: Mlp::load(vb.pp("mlp"), cfg)?,
+            mlp: Mlp::load(vb.pp("mlp"), cfg, &ad.pp("mlp"))?,
         })
     }
 
@@ -197,7 +208,7 @@ impl DecoderLayer {
         let h = self.input_layernorm.forward(x)?;
         let x = (x + self.self_attn.forward(&h, cos, sin, mask, train)?)?;
         let h = self.post_attention_layernorm.forward(&x)?;
-        x + self.mlp.forward(&h)?
+        x + self.mlp.forward(&h, train)?
     }
 }
 
@@ -208,6 +219,33 @@ impl Llama {
     /// (`N(0, initializer_range)` weights, zero biases, unit norms). Checks
     /// `cfg` first: an unsupported value is an error naming it.
     pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        Self::build(vb, cfg, &Adapt::none())
+    }
+
+    /// The model with LoRA adapters ([`crate::lora`]): every parameter of
+    /// the base model read from `base` (a frozen
+    /// [`checkpoint::frozen_var_builder`](crate::checkpoint::frozen_var_builder),
+    /// so nothing of it is copied into a `VarMap`), and for each projection
+    /// `lora` targets (`q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`,
+    /// `up_proj`, `down_proj`, `lm_head`) the adapter weights created in (or
+    /// read from) `adapters` under PEFT's keys,
+    /// `base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight`
+    /// `(r, in)` and `...lora_B.weight` `(out, r)`, kaiming-uniform and
+    /// zero as PEFT initialises them.
+    ///
+    /// Errors: a bad `lora` ([`LoraConfig::validate`]: `r = 0`, a
+    /// non-finite alpha, no target), a target module that matches no
+    /// module of the model, and whatever [`load`](Self::load) reports.
+    pub fn load_lora(
+        base: VarBuilder,
+        cfg: &Config,
+        lora: &LoraConfig,
+        adapters: VarBuilder,
+    ) -> crate::Result<Self> {
+        build_with(lora, adapters, |ad| Self::build(base, cfg, ad))
+    }
+
+    fn build(vb: VarBuilder, cfg: &Config, ad: &Adapt) -> Result<Self> {
         cfg.validate()?;
         let std = cfg.initializer_range;
         let emb = vb.pp("model.embed_tokens").get_with_hints(
@@ -216,7 +254,10 @@ impl Llama {
             normal(std),
         )?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::load(vb.pp(format!("model.layers.{i}")), cfg))
+            .map(|i| {
+                let name = format!("model.layers.{i}");
+                DecoderLayer::load(vb.pp(&name), cfg, &ad.pp(&name))
+            })
             .collect::<Result<Vec<_>>>()?;
         let norm = rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("model.norm"))?;
         let lm_head = if cfg.tie_word_embeddings {
@@ -230,6 +271,7 @@ impl Llama {
                 vb.pp("lm_head"),
             )?
         };
+        let lm_head = ad.wrap("lm_head", lm_head)?;
         let rope = cfg.rope()?;
         let (cos, sin) = rope.tables(cfg.max_position_embeddings, vb.dtype(), vb.device())?;
         Ok(Self {
@@ -284,7 +326,7 @@ impl Llama {
         train: bool,
     ) -> Result<Tensor> {
         let h = self.hidden_states(input_ids, attention_mask, train)?;
-        self.lm_head.forward(&h)
+        self.lm_head.forward_t(&h, train)
     }
 
     /// The final hidden states `(b, t, hidden)` (after `model.norm`, before

@@ -1,0 +1,281 @@
+//! One LoRA fine-tuning step of a Llama (`minibatch_models::llama` with
+//! `load_lora`, r 8 on q/k/v/o, the base frozen): forward, cross-entropy
+//! over every position, backward, AdamW over the adapters only; beside
+//! PyTorch eager with transformers' `LlamaForCausalLM` and PEFT
+//! (`benches/torch_lora_step.py`, 2 threads, the same shapes).
+//!
+//! PyTorch's script runs right before and right after the Rust steps (the
+//! better of its two runs counts), so load from other processes hits both
+//! alike; the figures are the minimum and median ms per step, the CPU time
+//! per step (all threads), and, each side in a fresh process, the peak RSS
+//! (`VmHWM`) and the step's own memory (`VmHWM` minus `VmRSS` just before
+//! the first step: activations, gradients, optimizer state).
+//!
+//! Shape (environment, defaults in brackets): `LORA_BATCH` [8], `LORA_SEQ`
+//! [128], `LORA_HIDDEN` [256], `LORA_LAYERS` [4], `LORA_VOCAB` [4096],
+//! `LORA_R` [8]; 8 heads, 4 key-value heads, intermediate 688;
+//! `LORA_STEPS` [10] timed steps on each side.
+//!
+//! `cargo bench --bench lora_step` (PyTorch from `MINIBATCH_TORCH_PYTHON`,
+//! default `~/.venv-torch/bin/python`; without it the PyTorch lines are
+//! left out).
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use minibatch_models::llama::{Config, Llama};
+use minibatch_models::lora::LoraConfig;
+use minibatch_optim::{AdamConfig, AdamW, AdamWConfig, Optimizer};
+use rand::{Rng, SeedableRng};
+
+struct Shape {
+    batch: usize,
+    seq: usize,
+    hidden: usize,
+    layers: usize,
+    vocab: usize,
+    r: usize,
+}
+
+fn shape() -> Shape {
+    Shape {
+        batch: common::env_or("LORA_BATCH", 8),
+        seq: common::env_or("LORA_SEQ", 128),
+        hidden: common::env_or("LORA_HIDDEN", 256),
+        layers: common::env_or("LORA_LAYERS", 4),
+        vocab: common::env_or("LORA_VOCAB", 4096),
+        r: common::env_or("LORA_R", 8),
+    }
+}
+
+struct Setup {
+    model: Llama,
+    opt: AdamW,
+    x: Tensor,
+    y: Tensor,
+    n_base: usize,
+    n_adapter: usize,
+    _adapters: VarMap,
+}
+
+fn setup(s: &Shape) -> Setup {
+    let dev = Device::Cpu;
+    let mut cfg = Config::small(s.vocab, s.hidden, s.layers, 8, 4);
+    cfg.intermediate_size = 688;
+    cfg.max_position_embeddings = s.seq.max(128);
+    // A random base, then frozen: plain tensors, no Vars.
+    let base_map = VarMap::new();
+    Llama::load(
+        minibatch_nn::seeded_var_builder(&base_map, 0, DType::F32, &dev),
+        &cfg,
+    )
+    .unwrap();
+    let tensors: HashMap<String, Tensor> = base_map
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .collect();
+    let n_base = tensors.values().map(|t| t.elem_count()).sum();
+    drop(base_map);
+    let lora = LoraConfig {
+        r: s.r,
+        alpha: 16.0,
+        dropout: 0.0,
+        target_modules: ["q_proj", "k_proj", "v_proj", "o_proj"]
+            .map(String::from)
+            .to_vec(),
+    };
+    let adapters = VarMap::new();
+    let model = Llama::load_lora(
+        VarBuilder::from_tensors(tensors, DType::F32, &dev),
+        &cfg,
+        &lora,
+        minibatch_nn::seeded_var_builder(&adapters, 1, DType::F32, &dev),
+    )
+    .unwrap();
+    let n_adapter = adapters.all_vars().iter().map(|v| v.elem_count()).sum();
+    let opt = AdamW::from_varmap(
+        &adapters,
+        AdamWConfig {
+            adam: AdamConfig {
+                lr: 1e-4,
+                ..AdamWConfig::default().adam
+            },
+        },
+    )
+    .unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
+    let n = s.batch * s.seq;
+    let mut ids = |_| -> Vec<u32> {
+        (0..n)
+            .map(|_| rng.random_range(0..s.vocab as u32))
+            .collect()
+    };
+    let x = Tensor::from_vec(ids(0), (s.batch, s.seq), &dev).unwrap();
+    let y = Tensor::from_vec(ids(1), n, &dev).unwrap();
+    Setup {
+        model,
+        opt,
+        x,
+        y,
+        n_base,
+        n_adapter,
+        _adapters: adapters,
+    }
+}
+
+impl Setup {
+    fn step(&mut self) {
+        let logits = self.model.forward_masked(&self.x, None, true).unwrap();
+        let (b, t, v) = logits.dims3().unwrap();
+        let loss = minibatch_nn::loss::cross_entropy(&logits.reshape((b * t, v)).unwrap(), &self.y)
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        self.opt.step(&grads).unwrap();
+    }
+}
+
+/// In the child process: `peak MiB, step MiB, CPU ms per step`.
+fn memory_child() {
+    let s = shape();
+    let mut st = setup(&s);
+    let rss0 = common::status_kib("VmRSS");
+    for _ in 0..3 {
+        st.step();
+    }
+    let (c0, n) = (common::cpu_seconds(), 10);
+    for _ in 0..n {
+        st.step();
+    }
+    let cpu_ms = 1e3 * (common::cpu_seconds() - c0) / n as f64;
+    let hwm = common::status_kib("VmHWM");
+    println!(
+        "{:.1}\t{:.1}\t{cpu_ms:.1}",
+        hwm as f64 / 1024.0,
+        (hwm - rss0) as f64 / 1024.0
+    );
+}
+
+/// PyTorch's `[min ms, median ms, CPU ms, peak MiB, step MiB]`.
+fn torch(s: &Shape) -> Option<[f64; 5]> {
+    let python = common::torch_python()?;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/torch_lora_step.py");
+    let out = Command::new(&python)
+        .arg(script)
+        .args(["--batch", &s.batch.to_string()])
+        .args(["--seq", &s.seq.to_string()])
+        .args(["--hidden", &s.hidden.to_string()])
+        .args(["--layers", &s.layers.to_string()])
+        .args(["--vocab", &s.vocab.to_string()])
+        .args(["--r", &s.r.to_string()])
+        .args([
+            "--steps",
+            &common::env_or("LORA_STEPS", 10usize).to_string(),
+        ])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        eprintln!(
+            "torch_lora_step.py failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().last()?;
+    let mut v = [0.0; 5];
+    let mut f = line.split('\t').skip(1);
+    for x in v.iter_mut() {
+        *x = f.next()?.parse().ok()?;
+    }
+    Some(v)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    if std::env::var_os("LORA_STEP_MEMORY").is_some() {
+        memory_child();
+        return;
+    }
+    // `cargo test --benches` / `--list` run the binary too: no timing there.
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--test" || a == "--list") {
+        return;
+    }
+    let s = shape();
+    let before = torch(&s);
+    let mut st = setup(&s);
+    for _ in 0..3 {
+        st.step();
+    }
+    let steps = common::env_or("LORA_STEPS", 10usize);
+    let mut times = Vec::new();
+    let c0 = common::cpu_seconds();
+    for _ in 0..steps {
+        let t = Instant::now();
+        st.step();
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let cpu = 1e3 * (common::cpu_seconds() - c0) / steps as f64;
+    let (n_base, n_adapter) = (st.n_base, st.n_adapter);
+    drop(st);
+    let after = torch(&s);
+    let torch = match (before, after) {
+        (Some(a), Some(b)) => Some([
+            a[0].min(b[0]),
+            a[1].min(b[1]),
+            a[2].min(b[2]),
+            a[3].max(b[3]),
+            a[4].max(b[4]),
+        ]),
+        (a, b) => a.or(b),
+    };
+    let min = times.iter().copied().fold(f64::INFINITY, f64::min);
+    let med = median(&mut times);
+    let mem = common::fresh_process("LORA_STEP_MEMORY", "1").and_then(|o| {
+        let t = String::from_utf8_lossy(&o.stdout).to_string();
+        let v: Vec<f64> = t
+            .trim()
+            .split('\t')
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        (v.len() == 3).then(|| [v[0], v[1], v[2]])
+    });
+    let [peak, step_mib, _] = mem.unwrap_or([f64::NAN; 3]);
+    println!(
+        "LoRA step: Llama {} layers, hidden {}, vocab {} ({n_base} base parameters, frozen), r {} on q/k/v/o ({n_adapter} trained), batch {} x {} tokens; ms per step over {steps} steps:",
+        s.layers, s.hidden, s.vocab, s.r, s.batch, s.seq
+    );
+    println!(
+        "  {:<14} {:>9} {:>9} {:>9} {:>10} {:>10}",
+        "variant", "min", "median", "CPU ms", "peak MiB", "step MiB"
+    );
+    println!(
+        "  {:<14} {min:>9.1} {med:>9.1} {cpu:>9.1} {peak:>10.1} {step_mib:>10.1}",
+        "minibatch"
+    );
+    if let Some(t) = torch {
+        println!(
+            "  {:<14} {:>9.1} {:>9.1} {:>9.1} {:>10.1} {:>10.1}",
+            "torch_peft", t[0], t[1], t[2], t[3], t[4]
+        );
+        println!(
+            "  torch_peft / minibatch: {:.2}x on min, {:.2}x on median, {:.2}x on CPU time (> 1: minibatch faster); step memory {:.2}x",
+            t[0] / min,
+            t[1] / med,
+            t[2] / cpu,
+            t[4] / step_mib
+        );
+    }
+}

@@ -1,0 +1,84 @@
+"""PyTorch eager twin of benches/lora_step.rs: one LoRA fine-tuning step of
+a transformers LlamaForCausalLM (8 heads, 4 key-value heads, intermediate
+688) with PEFT (r on q/k/v/o, alpha 16, dropout 0) on CPU, 2 threads:
+forward, cross-entropy of every position against random targets, backward,
+AdamW (lr 1e-4) over the adapters only, zero_grad(set_to_none).
+
+Prints one line, `torch_peft<TAB>min ms<TAB>median ms<TAB>CPU ms<TAB>peak MiB<TAB>step MiB`:
+CPU ms is the process CPU time per step (all threads), peak is VmHWM after
+the steps, step is VmHWM minus VmRSS just before the first step.
+
+usage: ~/.venv-torch/bin/python benches/torch_lora_step.py [--batch B] [--seq T]
+       [--hidden C] [--layers L] [--vocab V] [--r R] [--steps N]
+"""
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+torch.set_num_threads(2)
+
+
+def status_kib(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--r", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=20)
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=688, num_hidden_layers=a.layers,
+        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=max(a.seq, 128),
+        tie_word_embeddings=False, attn_implementation="eager",
+    )
+    model = get_peft_model(
+        LlamaForCausalLM(cfg),
+        LoraConfig(r=a.r, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    )
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    x = torch.randint(0, a.vocab, (a.batch, a.seq))
+    y = torch.randint(0, a.vocab, (a.batch * a.seq,))
+
+    def step():
+        logits = model(input_ids=x).logits
+        loss = F.cross_entropy(logits.reshape(-1, a.vocab), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    rss0 = status_kib("VmRSS")
+    for _ in range(3):
+        step()
+    times = []
+    cpu0 = time.process_time()
+    for _ in range(a.steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    cpu_ms = 1e3 * (time.process_time() - cpu0) / a.steps
+    hwm = status_kib("VmHWM")
+    print(
+        f"torch_peft\t{1e3 * min(times):.3f}\t{1e3 * statistics.median(times):.3f}\t{cpu_ms:.1f}"
+        f"\t{hwm / 1024:.1f}\t{(hwm - rss0) / 1024:.1f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
