@@ -516,3 +516,169 @@ fn the_trainer_on_two_ranks_is_one_process() {
         v[1]
     );
 }
+
+/// The MLP of [`fit_mlp`] for 2 epochs (50 steps: batch 32 per rank,
+/// accumulate 2), on 2 ranks, checkpointing every 10 steps into `dir`;
+/// stopped after `max_steps`, or resumed from the newest checkpoint under
+/// `resume`. Returns the weights and the history without timings.
+fn fit_resumable(
+    group: std::sync::Arc<dyn ProcessGroup>,
+    dir: &Path,
+    max_steps: Option<u64>,
+    resume: Option<PathBuf>,
+) -> minibatch::train::Result<(Vec<Tensor>, minibatch::train::History)> {
+    use minibatch::train::{ProgressMode, Trainer};
+    let (train, test) = mnist::load(common::mnist_dir(), &Device::Cpu).unwrap();
+    let train = Subset::new(train, (0..3200).collect()).unwrap();
+    let test = Subset::new(test, (0..999).collect()).unwrap();
+    let loader = DataLoader::builder(train)
+        .batch_size(32)
+        .shuffle(5)
+        .build()
+        .unwrap();
+    let val = DataLoader::builder(test).batch_size(250).build().unwrap();
+    let vm = candle_nn::VarMap::new();
+    // each rank seeded differently: rank 0's weights are broadcast
+    let vb =
+        minibatch::nn::seeded_var_builder(&vm, 30 + group.rank() as u64, DType::F32, &Device::Cpu);
+    let model = TrainerMlp(
+        minibatch::nn::linear(784, 64, vb.pp("fc1")).unwrap(),
+        minibatch::nn::linear(64, 10, vb.pp("fc2")).unwrap(),
+    );
+    let cfg = SgdConfig {
+        lr: 0.05,
+        momentum: 0.9,
+        ..Default::default()
+    };
+    let opt = Sgd::from_varmap(&vm, cfg).unwrap();
+    let mut b = Trainer::builder(model, vm.clone(), loader, opt)
+        .val_loader(val)
+        .epochs(2)
+        .accumulate(2)
+        .checkpoint_dir(dir)
+        .checkpoint_every_steps(10)
+        .keep_last(10)
+        .progress(ProgressMode::Silent)
+        .distributed(group);
+    if let Some(n) = max_steps {
+        b = b.max_steps(n);
+    }
+    if let Some(root) = resume {
+        b = b.resume_from_latest_valid(root);
+    }
+    let mut t = b.build()?;
+    let h = t.fit()?;
+    let mut names: Vec<_> = vm.data().lock().unwrap().keys().cloned().collect();
+    names.sort();
+    let data = vm.data().lock().unwrap();
+    let w = names
+        .iter()
+        .map(|n| data[n].as_tensor().copy().unwrap())
+        .collect();
+    Ok((w, h.without_timings()))
+}
+
+#[test]
+#[ignore = "a rank program: run by a_two_rank_resume_is_bit_identical through mpirun"]
+fn rank_trainer_resume() {
+    let group = Mpi::init().unwrap();
+    let rank = group.rank();
+    let out = out_dir();
+    let sum = |w: &[Tensor]| checksum(&w.iter().collect::<Vec<_>>()).unwrap();
+    // uninterrupted
+    let (want, want_h) = group.or_abort(fit_resumable(group.clone(), &out.join("a"), None, None));
+    // stopped at step 35 (mid-epoch 1: the newest checkpoint is step 30),
+    // then resumed; rank 1 is given a directory that does not exist: rank 0
+    // reads the checkpoint and broadcasts it
+    group.or_abort(fit_resumable(group.clone(), &out.join("b"), Some(35), None));
+    let root = if rank == 0 {
+        out.join("b")
+    } else {
+        out.join("no-such-dir")
+    };
+    let (got, got_h) = group.or_abort(fit_resumable(
+        group.clone(),
+        &out.join("b"),
+        None,
+        Some(root),
+    ));
+    group.or_abort(group.check_same("weights checksum after the resumed fit", sum(&got)));
+    if rank == 0 {
+        assert_eq!(got_h, want_h, "the resumed history differs");
+        assert_eq!(want_h.epochs.len(), 2);
+        assert_eq!(want_h.epochs[1].steps, 50);
+        std::fs::write(
+            out.join("sums.txt"),
+            format!("{} {}", sum(&want), sum(&got)),
+        )
+        .unwrap();
+    }
+    group.barrier().unwrap();
+}
+
+#[test]
+fn a_two_rank_resume_is_bit_identical_and_one_process_refuses_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = mpirun("rank_trainer_resume", dir.path(), Duration::from_secs(400));
+    assert_eq!(run.code, Some(0), "mpirun failed:\n{}", run.output);
+    // the resumed run's weights are the uninterrupted run's, to the bit
+    let sums = std::fs::read_to_string(dir.path().join("sums.txt")).unwrap();
+    let (a, b) = sums.split_once(' ').unwrap();
+    assert_eq!(a, b, "weights checksums: uninterrupted {a}, resumed {b}");
+    // and the checkpoints it wrote after the resume are the same bytes
+    for step in ["step-000000040", "step-000000050"] {
+        for file in ["model.safetensors", "optimizer.bin", "trainer.json"] {
+            let read =
+                |run: &str| std::fs::read(dir.path().join(run).join(step).join(file)).unwrap();
+            assert!(
+                read("a") == read("b"),
+                "{step}/{file} differs between the runs"
+            );
+        }
+    }
+    let state = std::fs::read_to_string(dir.path().join("a/step-000000030/trainer.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&state).unwrap();
+    assert_eq!(v["world"]["world_size"], 2);
+    assert_eq!(v["world"]["batch_per_rank"], 32);
+    assert_eq!(v["world"]["global_batch"], 64);
+    assert_eq!(v["world"]["ranks"].as_array().map(Vec::len), Some(2));
+    // one process refuses a 2-rank checkpoint, at the per-rank batch and at
+    // the global batch, naming both world sizes
+    for batch in [32, 64] {
+        let err = resume_in_one_process(&dir.path().join("a"), batch);
+        assert!(
+            err.contains("written by 2 rank(s) at batch 32 per rank (global batch 64)")
+                && err.contains(&format!("this run has 1 rank(s) at batch {batch} per rank")),
+            "{err}"
+        );
+    }
+}
+
+/// The error of resuming the 2-rank checkpoints under `root` in one process
+/// at batch `batch`.
+fn resume_in_one_process(root: &Path, batch: usize) -> String {
+    use minibatch::train::{ProgressMode, Trainer};
+    let (train, _) = mnist::load(common::mnist_dir(), &Device::Cpu).unwrap();
+    let train = Subset::new(train, (0..3200).collect()).unwrap();
+    let loader = DataLoader::builder(train)
+        .batch_size(batch)
+        .shuffle(5)
+        .build()
+        .unwrap();
+    let vm = candle_nn::VarMap::new();
+    let vb = minibatch::nn::seeded_var_builder(&vm, 30, DType::F32, &Device::Cpu);
+    let model = TrainerMlp(
+        minibatch::nn::linear(784, 64, vb.pp("fc1")).unwrap(),
+        minibatch::nn::linear(64, 10, vb.pp("fc2")).unwrap(),
+    );
+    let opt = Sgd::from_varmap(&vm, SgdConfig::default()).unwrap();
+    match Trainer::builder(model, vm, loader, opt)
+        .accumulate(2)
+        .progress(ProgressMode::Silent)
+        .resume_from_latest_valid(root)
+        .build()
+    {
+        Ok(_) => panic!("a 2-rank checkpoint resumed in one process at batch {batch}"),
+        Err(e) => e.to_string(),
+    }
+}

@@ -249,7 +249,10 @@ impl<M: Model> TrainerBuilder<M> {
     /// this same program; the loaders are sharded for this rank at build
     /// (the train loader as [`DataLoader::sharded`], the validation one
     /// uneven, so it covers the set once), so `batch_size` is per rank; the
-    /// parameters are broadcast from rank 0 (after a resume too); after
+    /// parameters are broadcast from rank 0; a resume takes rank 0's
+    /// checkpoint on every rank (weights, optimizer state, run state: see
+    /// [`Trainer::load_checkpoint`], which also refuses a checkpoint of
+    /// another world size); after
     /// backward, at the accumulation boundary only, the gradients are averaged
     /// over the ranks in ~25 MB buckets, before clipping. Epoch figures are
     /// combined over the ranks (sample-weighted), so callbacks, plateau

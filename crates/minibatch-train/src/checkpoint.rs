@@ -37,12 +37,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{Result, TrainError};
+use crate::metrics::RunningMean;
 use crate::state::RunState;
 use minibatch_optim::{sync_dir, varmap_vars, write_atomic};
 
 /// Version of the `trainer.json` format (2: one `run` object, keyed metric
-/// and callback states).
-pub const FORMAT_VERSION: u32 = 2;
+/// and callback states; 3: the data-parallel layout, [`WorldState`]).
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Size and hash of a file inside a checkpoint.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,6 +104,36 @@ pub struct CheckpointState {
     pub tensors: BTreeMap<String, Vec<usize>>,
     /// Digests of `model.safetensors` and `optimizer.bin`.
     pub files: BTreeMap<String, FileDigest>,
+    /// The data-parallel layout that wrote it (checked on resume: a
+    /// checkpoint resumes with the world size that wrote it).
+    pub world: WorldState,
+}
+
+/// The data-parallel layout of the run that wrote a checkpoint, and the
+/// running figures of the epoch in progress that each rank keeps for itself.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorldState {
+    /// The ranks that trained together (1: one process).
+    pub world_size: u64,
+    /// Samples per batch on each rank (the train loader's batch size).
+    pub batch_per_rank: u64,
+    /// Samples per batch over all ranks: `batch_per_rank × world_size`
+    /// (per micro-batch; an optimizer step takes `accumulate` of them).
+    pub global_batch: u64,
+    /// Each rank's running figures of the epoch in progress, in rank order
+    /// (train loss and metric states of its shard): a mid-epoch resume
+    /// gives every rank its own back. Empty in one process, whose figures
+    /// are `run.epoch_loss` and `metrics`.
+    pub ranks: Vec<RankRunning>,
+}
+
+/// One rank's running figures of the epoch in progress.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RankRunning {
+    /// The running train loss of this rank's shard.
+    pub epoch_loss: RunningMean,
+    /// This rank's metric states by `name#k`, as [`CheckpointState::metrics`].
+    pub metrics: BTreeMap<String, Value>,
 }
 
 /// A checkpoint read back and verified.

@@ -22,6 +22,7 @@ use candle_core::Var;
 use minibatch_data::DataLoader;
 use minibatch_dist::{broadcast_vars, GradBuckets, ProcessGroup, ProcessGroupExt};
 
+use crate::checkpoint::{CheckpointState, LoadedCheckpoint};
 use crate::error::{Result, TrainError};
 use crate::evaluate::Evaluation;
 use crate::history::EpochRecord;
@@ -80,6 +81,101 @@ impl Distributed {
     pub fn reduce(&mut self, grads: &mut GradStore) -> Result<()> {
         self.buckets.all_reduce_mean(self.group.as_ref(), grads)?;
         Ok(())
+    }
+
+    /// The reduction's timings so far (collective and copy time, steps).
+    pub fn stats(&self) -> minibatch_dist::ReduceStats {
+        self.buckets.stats()
+    }
+
+    /// This rank's rank and the world size.
+    pub fn rank_world(&self) -> (usize, usize) {
+        (self.group.rank(), self.group.world_size())
+    }
+
+    /// Every rank's `mine`, in rank order, on every rank (a length
+    /// all-gather, then one broadcast from each rank).
+    pub fn gather_bytes(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let lens = self.group.all_gather_u64(mine.len() as u64)?;
+        let me = self.group.rank();
+        lens.iter()
+            .enumerate()
+            .map(|(root, &n)| {
+                let mut buf = if root == me {
+                    mine.to_vec()
+                } else {
+                    vec![0u8; n as usize]
+                };
+                self.group.broadcast_bytes(&mut buf, root)?;
+                Ok(buf)
+            })
+            .collect()
+    }
+
+    /// Rank 0's checkpoint on every rank: rank 0 passes what it read
+    /// (`found`; the others pass `None`, they need no access to the
+    /// checkpoint directory) and every rank gets its files: weights,
+    /// optimizer state and `trainer.json`, byte for byte. An error reading
+    /// it on rank 0 is an error on every rank.
+    pub fn share_checkpoint(
+        &self,
+        found: Option<Result<LoadedCheckpoint>>,
+    ) -> Result<LoadedCheckpoint> {
+        let (mut header, parts, err) = match found {
+            Some(Ok(ck)) => {
+                let state = serde_json::to_vec(&ck.state).map_err(|e| {
+                    TrainError::ckpt(&ck.path, format!("cannot serialise trainer.json: {e}"))
+                })?;
+                let path = ck.path.to_string_lossy().into_owned().into_bytes();
+                let parts = vec![path, state, ck.model, ck.optimizer];
+                let mut h = vec![0u64];
+                h.extend(parts.iter().map(|p| p.len() as u64));
+                (h, parts, None)
+            }
+            Some(Err(e)) => {
+                let msg = e.to_string().into_bytes();
+                (vec![1, msg.len() as u64, 0, 0, 0], vec![msg], Some(e))
+            }
+            None => (vec![0u64; 5], Vec::new(), None),
+        };
+        self.group.broadcast(&mut header, 0)?;
+        if header[0] != 0 {
+            let mut msg = parts.into_iter().next().unwrap_or_default();
+            msg.resize(header[1] as usize, 0);
+            self.group.broadcast_bytes(&mut msg, 0)?;
+            return Err(err.unwrap_or_else(|| {
+                TrainError::Config(format!(
+                    "distributed: rank 0 could not resume: {}",
+                    String::from_utf8_lossy(&msg)
+                ))
+            }));
+        }
+        let mut parts = if parts.is_empty() {
+            header[1..].iter().map(|&n| vec![0u8; n as usize]).collect()
+        } else {
+            parts
+        };
+        for p in parts.iter_mut() {
+            self.group.broadcast_bytes(p, 0)?;
+        }
+        let optimizer = parts.pop().unwrap_or_default();
+        let model = parts.pop().unwrap_or_default();
+        let state = parts.pop().unwrap_or_default();
+        let path = std::path::PathBuf::from(
+            String::from_utf8_lossy(&parts.pop().unwrap_or_default()).into_owned(),
+        );
+        let state: CheckpointState = serde_json::from_slice(&state).map_err(|e| {
+            TrainError::ckpt(
+                &path,
+                format!("trainer.json from rank 0 does not parse: {e}"),
+            )
+        })?;
+        Ok(LoadedCheckpoint {
+            path,
+            state,
+            model,
+            optimizer,
+        })
     }
 
     /// Whether this rank prints and writes files.

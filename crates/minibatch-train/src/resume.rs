@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::checkpoint::{self, CheckpointState, LoadedCheckpoint};
+use crate::checkpoint::{self, CheckpointState, LoadedCheckpoint, RankRunning, WorldState};
 use crate::error::{Result, TrainError};
 use crate::history::History;
 use crate::model::Model;
@@ -43,7 +43,43 @@ fn keys<'a>(names: impl Iterator<Item = &'a str>) -> Vec<String> {
 }
 
 impl<M: Model> Trainer<M> {
-    fn checkpoint_state(&self) -> CheckpointState {
+    /// This rank's rank and the world size (0 of 1 without `.distributed`).
+    fn rank_world(&self) -> (usize, usize) {
+        self.dist.as_ref().map_or((0, 1), |d| d.rank_world())
+    }
+
+    /// Whether this rank writes the files (rank 0, or not distributed).
+    fn writes(&self) -> bool {
+        self.dist.as_ref().is_none_or(|d| d.is_main())
+    }
+
+    /// Every rank's running figures of the epoch in progress (empty in one
+    /// process): a collective under `.distributed`.
+    fn gather_running(&self) -> Result<Vec<RankRunning>> {
+        let Some(d) = self.dist.as_ref().filter(|d| d.rank_world().1 > 1) else {
+            return Ok(Vec::new());
+        };
+        let mine = RankRunning {
+            epoch_loss: self.run.epoch_loss,
+            metrics: keyed(self.metrics.iter().map(|m| (m.name(), m.state()))),
+        };
+        let bytes = serde_json::to_vec(&mine).map_err(|e| {
+            TrainError::Config(format!("cannot serialise the running figures: {e}"))
+        })?;
+        d.gather_bytes(&bytes)?
+            .iter()
+            .enumerate()
+            .map(|(r, b)| {
+                serde_json::from_slice(b).map_err(|e| {
+                    TrainError::Config(format!("running figures of rank {r} do not parse: {e}"))
+                })
+            })
+            .collect()
+    }
+
+    fn checkpoint_state(&self, ranks: Vec<RankRunning>) -> CheckpointState {
+        let (_, world) = self.rank_world();
+        let batch = self.train.batch_size() as u64;
         CheckpointState {
             format: checkpoint::FORMAT_VERSION,
             run: RunState {
@@ -59,12 +95,18 @@ impl<M: Model> Trainer<M> {
             callbacks: keyed(self.callbacks.iter().map(|c| (c.name(), c.state()))),
             tensors: BTreeMap::new(),
             files: BTreeMap::new(),
+            world: WorldState {
+                world_size: world as u64,
+                batch_per_rank: batch,
+                global_batch: batch * world as u64,
+                ranks,
+            },
         }
     }
 
     /// Writes checkpoint `name` under `dir` (the losses must have been read).
-    fn write_named(&self, dir: &Path, name: &str) -> Result<PathBuf> {
-        let mut st = self.checkpoint_state();
+    fn write_named(&self, dir: &Path, name: &str, ranks: Vec<RankRunning>) -> Result<PathBuf> {
+        let mut st = self.checkpoint_state(ranks);
         let opt = self.optimizer.state_bytes()?;
         checkpoint::write_checkpoint(dir, name, &self.varmap, &opt, &mut st)
     }
@@ -73,6 +115,11 @@ impl<M: Model> Trainer<M> {
     /// checkpoint directory), moves the `latest` pointer and prunes old ones.
     /// The pending losses are read first (a logging point): a non-finite one
     /// is an error and nothing is written.
+    ///
+    /// Under [`distributed`](crate::TrainerBuilder::distributed) every rank
+    /// must call it (the trainer does, at the same steps everywhere): the
+    /// ranks' running figures of the epoch are gathered into the checkpoint,
+    /// and rank 0 alone writes it.
     pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
         if self.cfg.checkpoint.is_none() {
             return Err(TrainError::Config(
@@ -80,13 +127,14 @@ impl<M: Model> Trainer<M> {
             ));
         }
         self.log_point()?;
+        let ranks = self.gather_running()?;
         let c = self.cfg.checkpoint.as_ref().expect("checked above");
-        if self.dist.as_ref().is_some_and(|d| !d.is_main()) {
+        if !self.writes() {
             // rank 0 alone writes; the others name what it wrote
             self.saved_at_step = Some(self.run.step);
             return Ok(c.dir.join(format!("step-{:09}", self.run.step)));
         }
-        let path = self.write_step(&c.dir)?;
+        let path = self.write_step(&c.dir, ranks)?;
         let best = checkpoint::read_pointer(&c.dir, "best")?;
         let latest = format!("step-{:09}", self.run.step);
         let mut protect = vec![latest.as_str()];
@@ -100,17 +148,22 @@ impl<M: Model> Trainer<M> {
     }
 
     /// Writes a checkpoint `step-<N>` under `dir` and points `dir/latest` at
-    /// it (after reading the pending losses, as [`save_checkpoint`](Self::save_checkpoint)).
+    /// it (after reading the pending losses, as [`save_checkpoint`](Self::save_checkpoint);
+    /// under `.distributed` a collective too, rank 0 alone writes).
     pub fn save_checkpoint_to(&mut self, dir: &Path) -> Result<PathBuf> {
         self.log_point()?;
-        let p = self.write_step(dir)?;
+        let ranks = self.gather_running()?;
+        if !self.writes() {
+            return Ok(dir.join(format!("step-{:09}", self.run.step)));
+        }
+        let p = self.write_step(dir, ranks)?;
         self.last_checkpoint = Some(p.clone());
         Ok(p)
     }
 
-    fn write_step(&self, dir: &Path) -> Result<PathBuf> {
+    fn write_step(&self, dir: &Path, ranks: Vec<RankRunning>) -> Result<PathBuf> {
         let name = format!("step-{:09}", self.run.step);
-        let p = self.write_named(dir, &name)?;
+        let p = self.write_named(dir, &name, ranks)?;
         checkpoint::set_pointer(dir, "latest", &name)?;
         Ok(p)
     }
@@ -118,9 +171,6 @@ impl<M: Model> Trainer<M> {
     /// At the end of an epoch: keeps the checkpoint of the best epoch so far
     /// (when `save_best` is set) as `best-step-<N>`.
     pub(crate) fn save_best_checkpoint(&mut self) -> Result<()> {
-        if self.dist.as_ref().is_some_and(|d| !d.is_main()) {
-            return Ok(()); // rank 0 alone writes
-        }
         let Some((c, (monitor, mode))) = self
             .cfg
             .checkpoint
@@ -136,11 +186,17 @@ impl<M: Model> Trainer<M> {
         if !mode.improves(v, self.run.best, 0.0) {
             return Ok(());
         }
-        // the checkpoint holds the new best value
+        // the checkpoint holds the new best value (the same on every rank:
+        // the epoch figures are combined over the ranks)
         self.run.best = Some(v);
-        let dir = c.dir.as_path();
+        let dir = c.dir.clone();
+        let ranks = self.gather_running()?;
+        if !self.writes() {
+            return Ok(()); // rank 0 alone writes
+        }
+        let dir = dir.as_path();
         let name = format!("best-step-{:09}", self.run.step);
-        self.write_named(dir, &name)?;
+        self.write_named(dir, &name, ranks)?;
         checkpoint::set_pointer(dir, "best", &name)?;
         checkpoint::prune(dir, "best-step-", 1, &[&name])?;
         Ok(())
@@ -162,8 +218,22 @@ impl<M: Model> Trainer<M> {
     /// names or shapes, optimizer, loader length, accumulation, schedule
     /// presence, a stateful callback or metric this trainer lacks). A
     /// callback or metric of this trainer without saved state starts fresh.
+    ///
+    /// Under [`distributed`](crate::TrainerBuilder::distributed) every rank
+    /// calls it (the builder does, for `resume_from`): rank 0 reads the
+    /// checkpoint and broadcasts its files, so every rank takes rank 0's
+    /// weights, optimizer state and run state (and its own running epoch
+    /// figures); the other ranks need no access to `path`. A checkpoint
+    /// resumes only with the world size that wrote it: another one is a
+    /// [`TrainError::Checkpoint`] naming both (world size, batch per rank,
+    /// global batch).
     pub fn load_checkpoint(&mut self, path: &Path) -> Result<()> {
-        let ck = checkpoint::read_checkpoint(path)?;
+        let ck = match &self.dist {
+            Some(d) => {
+                d.share_checkpoint(d.is_main().then(|| checkpoint::read_checkpoint(path)))?
+            }
+            None => checkpoint::read_checkpoint(path)?,
+        };
         self.restore(ck)
     }
 
@@ -176,9 +246,26 @@ impl<M: Model> Trainer<M> {
     ///
     /// Errors: no checkpoint under `root`, none intact (the error lists each
     /// with its reason), or the intact one does not fit this trainer (as
-    /// [`load_checkpoint`](Self::load_checkpoint)).
+    /// [`load_checkpoint`](Self::load_checkpoint)). Under `.distributed`,
+    /// rank 0 looks (and reports what it skipped) and broadcasts the one it
+    /// found, as [`load_checkpoint`](Self::load_checkpoint).
     pub fn load_latest_valid_checkpoint(&mut self, root: &Path) -> Result<&[SkippedCheckpoint]> {
         self.skipped.clear();
+        if let Some(main) = self.dist.as_ref().map(|d| d.is_main()) {
+            let found = main.then(|| self.find_latest_valid(root));
+            let d = self.dist.as_ref().expect("checked above");
+            let ck = d.share_checkpoint(found)?;
+            self.restore(ck)?;
+            return Ok(&self.skipped);
+        }
+        let ck = self.find_latest_valid(root)?;
+        self.restore(ck)?;
+        Ok(&self.skipped)
+    }
+
+    /// The newest intact checkpoint under `root` (the skipped ones listed
+    /// in `self.skipped`, the `latest` pointer moved past them).
+    fn find_latest_valid(&mut self, root: &Path) -> Result<LoadedCheckpoint> {
         let candidates = checkpoint::list_checkpoints(root)?;
         if candidates.is_empty() {
             return Err(TrainError::ckpt(
@@ -189,13 +276,12 @@ impl<M: Model> Trainer<M> {
         for dir in candidates {
             match checkpoint::read_checkpoint(&dir) {
                 Ok(ck) => {
-                    self.restore(ck)?;
                     if !self.skipped.is_empty() {
                         if let Some(name) = dir.file_name().and_then(|n| n.to_str()) {
                             checkpoint::set_pointer(root, "latest", name)?;
                         }
                     }
-                    return Ok(&self.skipped);
+                    return Ok(ck);
                 }
                 Err(e) => {
                     eprintln!("warning: skipping checkpoint {}: {e}", dir.display());
@@ -225,6 +311,26 @@ impl<M: Model> Trainer<M> {
             optimizer,
         } = ck;
         let bad = |reason: String| TrainError::ckpt(&path, reason);
+        let (rank, world) = self.rank_world();
+        let batch = self.train.batch_size() as u64;
+        let w = &st.world;
+        if w.world_size != world as u64 {
+            return Err(bad(format!(
+                "written by {} rank(s) at batch {} per rank (global batch {}), this run has {world} rank(s) at batch {batch} per rank (global batch {}): a checkpoint resumes only with the world size that wrote it (mpirun -np {})",
+                w.world_size,
+                w.batch_per_rank,
+                w.global_batch,
+                batch * world as u64,
+                w.world_size
+            )));
+        }
+        if world > 1 && w.ranks.len() != world {
+            return Err(bad(format!(
+                "holds the running figures of {} rank(s), written by {}",
+                w.ranks.len(),
+                w.world_size
+            )));
+        }
         if st.optimizer != self.optimizer.name() {
             return Err(bad(format!(
                 "written by optimizer {:?}, this trainer uses {:?}",
@@ -281,8 +387,11 @@ impl<M: Model> Trainer<M> {
         let built_lr = self.optimizer.learning_rate();
         self.optimizer.load_state_bytes(&optimizer)?;
         let lr = self.optimizer.learning_rate();
+        // each rank its own running figures of the epoch in progress
+        let own = (world > 1).then(|| &st.world.ranks[rank]);
+        let metric_states = own.map_or(&st.metrics, |r| &r.metrics);
         for (m, key) in self.metrics.iter_mut().zip(&metric_keys) {
-            match st.metrics.get(key) {
+            match metric_states.get(key) {
                 Some(v) => m.load_state(v).map_err(|e| bad(e.to_string()))?,
                 None => m.reset(),
             }
@@ -297,6 +406,9 @@ impl<M: Model> Trainer<M> {
         }
         self.log.clear();
         self.run = st.run;
+        if let Some(r) = own {
+            self.run.epoch_loss = r.epoch_loss;
+        }
         self.clock = Default::default();
         // The checkpoint holds no timings: take those of the earlier epochs
         // from the history file the earlier run wrote, when it is there.

@@ -176,6 +176,12 @@ impl<M: Model> Trainer<M> {
     pub fn resume_note(&self) -> Option<&str> {
         self.resume_note.as_deref()
     }
+    /// Under [`distributed`](crate::TrainerBuilder::distributed): the time
+    /// the gradient average took so far (inside the collectives, and packing
+    /// the buckets), and the steps it ran for. `None` without `.distributed`.
+    pub fn reduce_stats(&self) -> Option<minibatch_dist::ReduceStats> {
+        self.dist.as_ref().map(|d| d.stats())
+    }
     /// Sets the number of epochs (e.g. to train longer after a finished run).
     pub fn set_epochs(&mut self, epochs: u64) {
         self.cfg.epochs = epochs;
