@@ -182,26 +182,11 @@ fn values(t: &Tensor) -> Vec<f64> {
     v
 }
 
-/// `|a - b|₂` of two equally long vectors (a length mismatch fails).
-fn l2_dist(a: &[f64], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len(), "lengths differ");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).powi(2))
-        .sum::<f64>()
-        .sqrt()
-}
-
-/// Asserts `|got - want|₂ ≤ 1e-5 · |want|₂` (the relative weight difference
-/// of the 2-rank tests; NaN or inf fails) and returns the difference.
+/// The relative weight difference of the 2-rank tests: `|got - want|₂ ≤
+/// 1e-5 · |want|₂` (testkit's norm-wise comparison: lengths, NaN and inf
+/// fail); returns the difference.
 fn assert_rel_l2(got: &[f64], want: &[f64], what: &str) -> f64 {
-    let diff = l2_dist(got, want);
-    let norm = want.iter().map(|b| b * b).sum::<f64>().sqrt();
-    assert!(
-        diff <= 1e-5 * norm,
-        "{what}: |2 ranks - 1 process| = {diff:e}, |w| = {norm:e}"
-    );
-    diff
+    minibatch_testkit::assert_rel_l2_slice(got, want, 1e-5, what)
 }
 
 #[test]
@@ -236,7 +221,14 @@ fn two_ranks_at_32_equal_one_process_at_64() {
         let w = values(w);
         let diff = assert_rel_l2(&values(&got[&format!("p{i}")]), &w, &format!("p{i}"));
         // and the weights did move: the comparison is not of two initializations
-        let moved = l2_dist(&values(init.vars[i].as_tensor()), &w);
+        let start = values(init.vars[i].as_tensor());
+        assert_eq!(start.len(), w.len(), "p{i}: lengths differ");
+        let moved = start
+            .iter()
+            .zip(&w)
+            .map(|(a, b)| (a - b).powi(2))
+            .sum::<f64>()
+            .sqrt();
         assert!(moved > 1e3 * diff.max(1e-12), "p{i}: moved {moved:e} only");
     }
 }
