@@ -52,7 +52,10 @@ fn child(on: bool) -> anyhow::Result<()> {
         .map(|i| ((i * 2654435761) % VOCAB) as u32)
         .collect();
     let ids = Tensor::from_vec(ids, (BATCH, SEQ + 1), &dev)?;
-    let (x, y) = (ids.narrow(1, 0, SEQ)?, ids.narrow(1, 1, SEQ)?.flatten_all()?);
+    let (x, y) = (
+        ids.narrow(1, 0, SEQ)?,
+        ids.narrow(1, 1, SEQ)?.flatten_all()?,
+    );
     let mut step = || -> anyhow::Result<f64> {
         let t = Instant::now();
         let logits = model.forward_t(&x, true)?.reshape((BATCH * SEQ, VOCAB))?;
@@ -66,7 +69,9 @@ fn child(on: bool) -> anyhow::Result<()> {
     step()?; // warm-up (the optimizer state appears here), in the peak too
     let steps: usize = common::env_or("GC_STEPS", 3);
     let cpu0 = common::cpu_seconds();
-    let mut times = (0..steps).map(|_| step()).collect::<anyhow::Result<Vec<f64>>>()?;
+    let mut times = (0..steps)
+        .map(|_| step())
+        .collect::<anyhow::Result<Vec<f64>>>()?;
     let cpu = (common::cpu_seconds() - cpu0) / steps as f64;
     let peak = common::status_kib("VmHWM");
     times.sort_by(f64::total_cmp);
