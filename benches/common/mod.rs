@@ -81,3 +81,18 @@ pub fn fresh_process(var: &str, value: &str) -> Option<Output> {
     let exe = std::env::current_exe().ok()?;
     Command::new(exe).env(var, value).output().ok()
 }
+
+/// User + system CPU seconds of this process, all threads, from
+/// `getrusage(RUSAGE_SELF)` (microsecond resolution, what Python's
+/// `resource.getrusage` reads); NaN if the call fails.
+pub fn rusage_cpu_seconds() -> f64 {
+    // SAFETY: `rusage` is a plain C struct of integers, for which all-zero
+    // bytes are a valid value.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is a valid, writable `rusage` that outlives the call.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return f64::NAN;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
