@@ -13,7 +13,8 @@
 //!
 //! Shape (environment, defaults in brackets): `LORA_BATCH` [8], `LORA_SEQ`
 //! [128], `LORA_HIDDEN` [256], `LORA_LAYERS` [4], `LORA_VOCAB` [4096],
-//! `LORA_R` [8]; 8 heads, 4 key-value heads, intermediate 688;
+//! `LORA_INTER` [688] (intermediate size), `LORA_R` [8]; 8 heads, 4
+//! key-value heads;
 //! `LORA_STEPS` [10] timed steps on each side.
 //!
 //! `cargo bench --bench lora_step` (PyTorch from `MINIBATCH_TORCH_PYTHON`,
@@ -39,6 +40,7 @@ struct Shape {
     hidden: usize,
     layers: usize,
     vocab: usize,
+    inter: usize,
     r: usize,
 }
 
@@ -49,6 +51,7 @@ fn shape() -> Shape {
         hidden: common::env_or("LORA_HIDDEN", 256),
         layers: common::env_or("LORA_LAYERS", 4),
         vocab: common::env_or("LORA_VOCAB", 4096),
+        inter: common::env_or("LORA_INTER", 688),
         r: common::env_or("LORA_R", 8),
     }
 }
@@ -66,7 +69,7 @@ struct Setup {
 fn setup(s: &Shape) -> Setup {
     let dev = Device::Cpu;
     let mut cfg = Config::small(s.vocab, s.hidden, s.layers, 8, 4);
-    cfg.intermediate_size = 688;
+    cfg.intermediate_size = s.inter;
     cfg.max_position_embeddings = s.seq.max(128);
     // A random base, then frozen: plain tensors, no Vars.
     let base_map = VarMap::new();
@@ -174,6 +177,7 @@ fn torch(s: &Shape) -> Option<[f64; 5]> {
         .args(["--hidden", &s.hidden.to_string()])
         .args(["--layers", &s.layers.to_string()])
         .args(["--vocab", &s.vocab.to_string()])
+        .args(["--inter", &s.inter.to_string()])
         .args(["--r", &s.r.to_string()])
         .args([
             "--steps",

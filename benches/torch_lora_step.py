@@ -1,6 +1,6 @@
 """PyTorch eager twin of benches/lora_step.rs: one LoRA fine-tuning step of
 a transformers LlamaForCausalLM (8 heads, 4 key-value heads, intermediate
-688) with PEFT (r on q/k/v/o, alpha 16, dropout 0) on CPU, 2 threads:
+--inter, 688 by default) with PEFT (r on q/k/v/o, alpha 16, dropout 0) on CPU, 2 threads:
 forward, cross-entropy of every position against random targets, backward,
 AdamW (lr 1e-4) over the adapters only, zero_grad(set_to_none).
 
@@ -38,12 +38,13 @@ def main():
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--inter", type=int, default=688)
     ap.add_argument("--r", type=int, default=8)
     ap.add_argument("--steps", type=int, default=20)
     a = ap.parse_args()
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=688, num_hidden_layers=a.layers,
+        vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.inter, num_hidden_layers=a.layers,
         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=max(a.seq, 128),
         tie_word_embeddings=False, attn_implementation="eager",
     )

@@ -178,14 +178,11 @@ fn mean_over_a_simulated_world_in_one_collective_per_bucket() {
             "param {i}: gradient replaced, not written in place"
         );
         assert_eq!(g.dtype(), v.dtype());
-        for (a, b) in f64s(g).iter().zip(&before[i]) {
-            let tol = if v.dtype() == DType::BF16 {
-                1e-2 * b.abs()
-            } else {
-                1e-6 * b.abs()
-            };
-            assert!((a - b * f).abs() <= tol, "param {i}: {a} vs {}", b * f);
-        }
+        let want: Vec<f64> = before[i].iter().map(|b| b * f).collect();
+        let rel = if v.dtype() == DType::BF16 { 1e-2 } else { 1e-6 };
+        // |a - b·f| ≤ rel·|b| = (rel / |f|)·|b·f|, element by element.
+        let tol = minibatch_testkit::Tol::rel(rel / f.abs());
+        minibatch_testkit::assert_close_slice(&f64s(g), &want, tol, &format!("param {i}"));
     }
     assert_eq!(buckets.stats().steps, 1);
 }
