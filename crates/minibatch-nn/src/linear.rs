@@ -258,16 +258,23 @@ fn backward<T: Float>(
     w: &Tensor,
     grad: &Tensor,
     want_dx: bool,
+    want_dw: bool,
     want_db: bool,
-) -> candle_core::Result<(Option<Tensor>, Tensor, Option<Tensor>)> {
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
     let grad = grad.contiguous()?;
     let (m, k) = x.dims2()?;
     let n = w.dim(0)?;
     with_cpu(&grad, |gs, lg| {
         let g = contiguous::<T>(gs, lg, "linear gradient")?;
         let gm = Mat::row_major(g, m, n);
-        let dw = with_cpu(x, |xs, lx| Ok(matmul_new(gm.t(), mat::<T>(xs, lx)?)))?;
-        let dw = Tensor::from_vec(dw, (n, k), &Device::Cpu)?;
+        // A frozen weight (a constant, not tracked) needs no gradient: the
+        // LoRA base and frozen layers skip this product.
+        let dw = if want_dw {
+            let dw = with_cpu(x, |xs, lx| Ok(matmul_new(gm.t(), mat::<T>(xs, lx)?)))?;
+            Some(Tensor::from_vec(dw, (n, k), &Device::Cpu)?)
+        } else {
+            None
+        };
         let dx = if want_dx {
             let dx = with_cpu(w, |ws, lw| Ok(matmul_new(gm, mat::<T>(ws, lw)?)))?;
             Some(Tensor::from_vec(dx, (m, k), &Device::Cpu)?)
@@ -289,16 +296,18 @@ fn backward<T: Float>(
     })
 }
 
+/// The gradients of the tracked inputs only (`b`: the bias, if any).
 fn dispatch_backward(
     x: &Tensor,
     w: &Tensor,
+    b: Option<&Tensor>,
     grad: &Tensor,
-    want_db: bool,
-) -> candle_core::Result<(Option<Tensor>, Tensor, Option<Tensor>)> {
-    let want_dx = x.track_op();
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let (want_dx, want_dw) = (x.track_op(), w.track_op());
+    let want_db = b.is_some_and(Tensor::track_op);
     match x.dtype() {
-        DType::F32 => backward::<f32>(x, w, grad, want_dx, want_db),
-        DType::F64 => backward::<f64>(x, w, grad, want_dx, want_db),
+        DType::F32 => backward::<f32>(x, w, grad, want_dx, want_dw, want_db),
+        DType::F64 => backward::<f64>(x, w, grad, want_dx, want_dw, want_db),
         dt => candle_core::bail!("linear: the fused op takes f32 or f64, got {dt:?}"),
     }
 }
@@ -328,12 +337,11 @@ impl CustomOp3 for LinearOp {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, db) = dispatch_backward(x, w, grad, true)?;
-        Ok((dx, Some(dw), db))
+        dispatch_backward(x, w, Some(b), grad)
     }
 }
 
@@ -363,7 +371,7 @@ impl CustomOp2 for LinearOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = dispatch_backward(x, w, grad, false)?;
-        Ok((dx, Some(dw)))
+        let (dx, dw, _) = dispatch_backward(x, w, None, grad)?;
+        Ok((dx, dw))
     }
 }

@@ -290,3 +290,33 @@ fn bad_inputs_are_errors() {
         assert_eq!(ours.is_ok(), theirs.is_ok());
     });
 }
+
+#[test]
+fn a_frozen_weight_gets_no_gradient_and_the_input_the_same_one() {
+    // Constant weight and bias (a frozen or LoRA base layer): the backward
+    // pass skips their products and gives the input the gradient it gets
+    // when they are trainable, to the bit.
+    let dev = Device::Cpu;
+    let w = Tensor::new(&[[0.5f32, -1.0, 2.0], [1.5, 0.25, -0.75]], &dev).unwrap();
+    let b = Tensor::new(&[0.1f32, -0.2], &dev).unwrap();
+    let x =
+        Var::from_tensor(&Tensor::new(&[[1f32, 2., 3.], [-1., 0.5, 4.]], &dev).unwrap()).unwrap();
+    let r = Tensor::new(&[[1f32, -2.], [0.5, 3.]], &dev).unwrap();
+    let loss = |w: &Tensor, b: &Tensor| {
+        let y = Linear::new(w.clone(), Some(b.clone()))
+            .forward(x.as_tensor())
+            .unwrap();
+        (y * &r).unwrap().sum_all().unwrap().backward().unwrap()
+    };
+    let frozen = loss(&w, &b);
+    let (wv, bv) = (Var::from_tensor(&w).unwrap(), Var::from_tensor(&b).unwrap());
+    let trained = loss(wv.as_tensor(), bv.as_tensor());
+    assert!(frozen.get(&w).is_none() && frozen.get(&b).is_none());
+    assert!(trained.get(wv.as_tensor()).is_some() && trained.get(bv.as_tensor()).is_some());
+    assert_close(
+        frozen.get(x.as_tensor()).unwrap(),
+        trained.get(x.as_tensor()).unwrap(),
+        Tol::bits(),
+        "input gradient",
+    );
+}
