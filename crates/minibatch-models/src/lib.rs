@@ -48,7 +48,6 @@ pub mod llama;
 pub mod lora;
 pub mod pooling;
 mod projection;
-mod recompute;
 pub mod rope;
 
 pub use activation::Activation;

@@ -20,6 +20,7 @@ pub use config::Config;
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
+use minibatch_nn::recompute::checkpoint;
 use minibatch_nn::{Dropout, Embedding, LayerNorm};
 
 use crate::activation::Activation;
@@ -28,7 +29,6 @@ use crate::error::ModelsError;
 use crate::inputs::{check_ids, check_positions, key_padding_mask, padding_idx};
 use crate::lora::{build_with, Adapt, LoraConfig};
 use crate::projection::{normal, Projection, ONES, ZEROS};
-use crate::recompute;
 
 fn layer_norm(size: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
     let w = vb.get_with_hints(size, "weight", ONES)?;
@@ -304,8 +304,12 @@ impl BertModel {
         let mut x = e.dropout.forward(&e.layer_norm.forward(&x)?, train)?;
         let on = self.gradient_checkpointing && train;
         for layer in &self.layers {
-            let (l, m) = (layer.clone(), mask.clone());
-            x = recompute::block(on, &x, move |h| l.forward(h, m.as_ref(), train))?;
+            x = if on {
+                let (l, m) = (layer.clone(), mask.clone());
+                checkpoint(move |h| l.forward(h, m.as_ref(), train), &x)?
+            } else {
+                layer.forward(&x, mask.as_ref(), train)?
+            };
         }
         Ok(x)
     }

@@ -19,6 +19,7 @@ pub use config::Config;
 
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
+use minibatch_nn::recompute::checkpoint;
 use minibatch_nn::{Dropout, Embedding, LayerNorm, Linear};
 
 use crate::activation::Activation;
@@ -26,7 +27,6 @@ use crate::attention::attend;
 use crate::inputs::{check_ids, check_positions, key_padding_mask};
 use crate::lora::{build_with, Adapt, LoraConfig};
 use crate::projection::{normal, Projection, ONES, ZEROS};
-use crate::recompute;
 
 fn layer_norm(size: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
     let w = vb.get_with_hints(size, "weight", ONES)?;
@@ -291,8 +291,12 @@ impl Gpt2 {
         let mut x = self.drop.forward(&x, train)?;
         let on = self.gradient_checkpointing && train;
         for block in &self.blocks {
-            let (bl, m) = (block.clone(), mask.clone());
-            x = recompute::block(on, &x, move |h| bl.forward(h, m.as_ref(), train))?;
+            x = if on {
+                let (bl, m) = (block.clone(), mask.clone());
+                checkpoint(move |h| bl.forward(h, m.as_ref(), train), &x)?
+            } else {
+                block.forward(&x, mask.as_ref(), train)?
+            };
         }
         self.ln_f.forward(&x)
     }

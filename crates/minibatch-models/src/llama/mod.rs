@@ -19,6 +19,7 @@ pub use config::Config;
 
 use candle_core::{DType, Module, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
+use minibatch_nn::recompute::checkpoint;
 use minibatch_nn::rotary_emb::rope_thd;
 use minibatch_nn::{Dropout, Embedding, RmsNorm};
 
@@ -27,7 +28,6 @@ use crate::attention::attend;
 use crate::inputs::{check_ids, key_padding_mask, padding_idx};
 use crate::lora::{build_with, Adapt, LoraConfig};
 use crate::projection::{normal, Projection, ONES};
-use crate::recompute;
 use crate::rope::Rope;
 
 /// One attention block's projections and sizes.
@@ -358,8 +358,12 @@ impl Llama {
         )?;
         let on = self.gradient_checkpointing && train;
         for layer in &self.layers {
-            let (l, c, s, m) = (layer.clone(), cos.clone(), sin.clone(), mask.clone());
-            x = recompute::block(on, &x, move |h| l.forward(h, &c, &s, m.as_ref(), train))?;
+            x = if on {
+                let (l, c, s, m) = (layer.clone(), cos.clone(), sin.clone(), mask.clone());
+                checkpoint(move |h| l.forward(h, &c, &s, m.as_ref(), train), &x)?
+            } else {
+                layer.forward(&x, &cos, &sin, mask.as_ref(), train)?
+            };
         }
         self.norm.forward(&x)
     }
