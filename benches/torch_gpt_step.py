@@ -27,21 +27,15 @@ import math
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from torch_common import timed_steps
+
 torch.set_num_threads(2)
 
-
-def status_kib(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 class Block(nn.Module):
@@ -146,17 +140,7 @@ def main():
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    rss0 = status_kib("VmRSS")
-    for _ in range(5):
-        step()
-    times = []
-    cpu0 = time.process_time()
-    for _ in range(a.steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    cpu_ms = 1e3 * (time.process_time() - cpu0) / a.steps
-    hwm = status_kib("VmHWM")
+    times, cpu_ms, rss0, hwm = timed_steps(step, 5, a.steps)
     print(
         f"{a.variant}\t{1e3 * min(times):.3f}\t{1e3 * statistics.median(times):.3f}\t{cpu_ms:.1f}"
         f"\t{hwm / 1024:.1f}\t{(hwm - rss0) / 1024:.1f}"

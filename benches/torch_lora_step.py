@@ -13,22 +13,16 @@ usage: ~/.venv-torch/bin/python benches/torch_lora_step.py [--batch B] [--seq T]
 """
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from torch_common import timed_steps
+
 torch.set_num_threads(2)
 
-
-def status_kib(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 def main():
@@ -64,17 +58,7 @@ def main():
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    rss0 = status_kib("VmRSS")
-    for _ in range(3):
-        step()
-    times = []
-    cpu0 = time.process_time()
-    for _ in range(a.steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    cpu_ms = 1e3 * (time.process_time() - cpu0) / a.steps
-    hwm = status_kib("VmHWM")
+    times, cpu_ms, rss0, hwm = timed_steps(step, 3, a.steps)
     print(
         f"torch_peft\t{1e3 * min(times):.3f}\t{1e3 * statistics.median(times):.3f}\t{cpu_ms:.1f}"
         f"\t{hwm / 1024:.1f}\t{(hwm - rss0) / 1024:.1f}"

@@ -33,15 +33,10 @@ import time
 import torch
 import torch.nn.functional as F
 
+from torch_common import status_kib
+
 torch.set_num_threads(2)
 
-
-def status_kib(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 def cpu_s():
