@@ -37,7 +37,6 @@
 #![warn(missing_docs)]
 
 mod activation;
-mod attention;
 pub mod bert;
 pub mod checkpoint;
 mod config;

@@ -35,6 +35,11 @@
 //! element (one host-to-device copy of `n` bytes per forward pass; that copy is
 //! what makes the masks identical on every device), and is applied with
 //! candle tensor ops (whose backward is the same product).
+//!
+//! [`scaled_dot_product_attention_dropout`](crate::ops::scaled_dot_product_attention_dropout)
+//! draws its masks from the same streams, inside the fused attention kernel:
+//! the mask of a call is the one `forward` would draw for the
+//! `(b, h, tq, tk)` attention weights.
 
 use std::cell::Cell;
 use std::sync::Arc;
@@ -171,39 +176,117 @@ impl Dropout {
     /// training call draws the mask of the next call index (see
     /// [`set_rng_step`]).
     pub fn forward(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        if !train {
+        let Some(mask) = self.next_mask(train, false)? else {
             return Ok(xs.clone());
+        };
+        if cpu_kernel(xs) && matches!(xs.dtype(), DType::F32 | DType::F64) {
+            let op: Arc<Box<dyn CustomOp1 + Send + Sync>> = Arc::new(Box::new(DropoutOp {
+                mask: mask.source,
+                scale: mask.scale,
+                kept: OnceLock::new(),
+            }));
+            return xs.contiguous()?.apply_op1_arc(op);
         }
+        // Tensor path: the same mask, drawn on the host, as one byte per element.
+        xs * mask.multiplier(xs.shape(), xs.dtype(), xs.device())?
+    }
+
+    /// The mask of the next training call, for [`Dropout::forward`] and for
+    /// fused kernels that drop inside their own pass (attention): `None` in
+    /// evaluation (and, with `skip_zero`, when `p = 0`), without drawing a
+    /// key; otherwise the next call index is drawn, as `forward` draws it.
+    pub(crate) fn next_mask(
+        &self,
+        train: bool,
+        skip_zero: bool,
+    ) -> candle_core::Result<Option<DropMask>> {
         let p = self.drop_p;
+        if !train || (skip_zero && p == 0.0) {
+            return Ok(None);
+        }
         if !(0. ..1.).contains(&p) {
             return Err(NnError::InvalidArgument(format!(
                 "dropout probability has to be in [0, 1), got {p}"
             ))
             .into());
         }
-        let key = next_key();
-        let mask = MaskSource {
+        let source = MaskSource {
             seed: self.seed,
-            key,
+            key: next_key(),
             threshold: (p as f64 * 4_294_967_296.0) as u64,
         };
-        let scale = 1.0 / (1.0 - p as f64);
-        if cpu_kernel(xs) && matches!(xs.dtype(), DType::F32 | DType::F64) {
-            let op: Arc<Box<dyn CustomOp1 + Send + Sync>> = Arc::new(Box::new(DropoutOp {
-                mask,
-                scale,
-                kept: OnceLock::new(),
-            }));
-            return xs.contiguous()?.apply_op1_arc(op);
+        Ok(Some(DropMask {
+            source,
+            scale: 1.0 / (1.0 - p as f64),
+        }))
+    }
+}
+
+/// The mask of one training-mode dropout pass over a tensor: element `e`
+/// (in row-major order) is kept when word `e` of its stream is at or above
+/// the threshold, and kept elements are multiplied by `scale = 1/(1-p)`.
+/// Any kernel that draws element `e` from [`DropMask::stream_at`]`(e)`
+/// drops exactly what [`Dropout::forward`] would on that tensor.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DropMask {
+    source: MaskSource,
+    /// `1/(1-p)`.
+    pub(crate) scale: f64,
+}
+
+impl DropMask {
+    /// The keep decisions of elements `word, word + 1, ...`.
+    pub(crate) fn stream_at(&self, word: u64) -> KeepStream {
+        let mut rng = self.source.rng();
+        rng.set_word_pos(word as u128);
+        KeepStream {
+            rng,
+            threshold: self.source.threshold,
         }
-        // Tensor path: the same mask, drawn on the host, as one byte per element.
-        let n = xs.elem_count();
+    }
+
+    /// The mask as a tensor of `shape` on `device`: `scale` where kept, `0`
+    /// where dropped (drawn on the host, sent as one byte per element).
+    pub(crate) fn multiplier(
+        &self,
+        shape: &Shape,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let n = shape.elem_count();
         let mut bytes = Vec::with_capacity(n);
-        mask.for_each(n, |keep| bytes.push(u8::from(keep)));
-        let m = Tensor::from_vec(bytes, xs.shape(), xs.device())?
-            .to_dtype(xs.dtype())?
-            .affine(scale, 0.)?;
-        xs * m
+        self.source.for_each(n, |keep| bytes.push(u8::from(keep)));
+        Tensor::from_vec(bytes, shape, device)?
+            .to_dtype(dtype)?
+            .affine(self.scale, 0.)
+    }
+}
+
+/// Consecutive keep decisions of a [`DropMask`].
+pub(crate) struct KeepStream {
+    rng: ChaCha8Rng,
+    threshold: u64,
+}
+
+impl KeepStream {
+    /// Fills `words` with the next elements' stream words: element `j` is
+    /// kept when `words[j] as u64 >= self.threshold()`.
+    /// `bytes` is scratch of at least `4 · words.len()` bytes: the stream is
+    /// read in one `fill_bytes` (the same words as `next_u32` calls, which
+    /// the stream gives as little-endian bytes).
+    #[inline]
+    pub(crate) fn fill(&mut self, words: &mut [u32], bytes: &mut [u8]) {
+        let bytes = &mut bytes[..4 * words.len()];
+        self.rng.fill_bytes(bytes);
+        for (w, b) in words.iter_mut().zip(bytes.chunks_exact(4)) {
+            *w = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+    }
+
+    /// The keep threshold: `p · 2³²`.
+    #[inline(always)]
+    pub(crate) fn threshold(&self) -> u64 {
+        self.threshold
     }
 }
 

@@ -22,16 +22,7 @@ fn tol(dtype: DType) -> (f64, f64) {
 }
 
 fn randn(shape: &[usize], dtype: DType, seed: u64, scale: f64) -> Tensor {
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let n = shape.iter().product();
-    let v: Vec<f64> = (0..n)
-        .map(|_| (rng.random::<f64>() * 2.0 - 1.0) * scale)
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu)
-        .unwrap()
-        .to_dtype(dtype)
-        .unwrap()
+    common::uniform(shape, dtype, seed, scale)
 }
 
 /// `(b, t, h, d) -> (b, h, t, d)`, a strided view.

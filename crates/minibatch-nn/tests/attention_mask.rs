@@ -14,16 +14,7 @@ use minibatch_testkit::{assert_close, Tol};
 
 /// Uniform draws in `[-1.5, 1.5)`, seeded.
 fn randn(shape: &[usize], dtype: DType, seed: u64) -> Tensor {
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let n = shape.iter().product();
-    let v: Vec<f64> = (0..n)
-        .map(|_| (rng.random::<f64>() * 2.0 - 1.0) * 1.5)
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu)
-        .unwrap()
-        .to_dtype(dtype)
-        .unwrap()
+    common::uniform(shape, dtype, seed, 1.5)
 }
 
 /// The output and the gradients of `sum(o ⊙ r)` for `q`, `k`, `v`.

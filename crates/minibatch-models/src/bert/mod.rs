@@ -24,11 +24,11 @@ use minibatch_nn::recompute::checkpoint;
 use minibatch_nn::{Dropout, Embedding, LayerNorm};
 
 use crate::activation::Activation;
-use crate::attention::attend;
 use crate::error::ModelsError;
 use crate::inputs::{check_ids, check_positions, key_padding_mask, padding_idx};
 use crate::lora::{build_with, Adapt, LoraConfig};
 use crate::projection::{normal, Projection, ONES, ZEROS};
+use minibatch_nn::ops::scaled_dot_product_attention_dropout as sdpa;
 
 fn layer_norm(size: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
     let w = vb.get_with_hints(size, "weight", ONES)?;
@@ -162,7 +162,16 @@ impl Layer {
         };
         let (q, k, v) = (split(&self.query)?, split(&self.key)?, split(&self.value)?);
         let scale = 1.0 / (hd as f64).sqrt();
-        let ctx = attend(&q, &k, &v, mask, false, scale, &self.attn_dropout, train)?;
+        let ctx = sdpa(
+            &q,
+            &k,
+            &v,
+            mask,
+            false,
+            Some(scale),
+            &self.attn_dropout,
+            train,
+        )?;
         let ctx = ctx.transpose(1, 2)?.reshape((b, t, e))?;
         let a = self
             .dropout

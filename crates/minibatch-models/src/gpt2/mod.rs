@@ -23,10 +23,10 @@ use minibatch_nn::recompute::checkpoint;
 use minibatch_nn::{Dropout, Embedding, LayerNorm, Linear};
 
 use crate::activation::Activation;
-use crate::attention::attend;
 use crate::inputs::{check_ids, check_positions, key_padding_mask};
 use crate::lora::{build_with, Adapt, LoraConfig};
 use crate::projection::{normal, Projection, ONES, ZEROS};
+use minibatch_nn::ops::scaled_dot_product_attention_dropout as sdpa;
 
 fn layer_norm(size: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
     let w = vb.get_with_hints(size, "weight", ONES)?;
@@ -136,13 +136,13 @@ impl Block {
             .reshape((b, t, 3, h, hd))?;
         let part = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2);
         let (q, k, v) = (part(0)?, part(1)?, part(2)?);
-        let o = attend(
+        let o = sdpa(
             &q,
             &k,
             &v,
             mask,
             true,
-            self.scale,
+            Some(self.scale),
             &self.attn_dropout,
             train,
         )?;

@@ -24,11 +24,11 @@ use minibatch_nn::rotary_emb::rope_thd;
 use minibatch_nn::{Dropout, Embedding, RmsNorm};
 
 use crate::activation::Activation;
-use crate::attention::attend;
 use crate::inputs::{check_ids, key_padding_mask, padding_idx};
 use crate::lora::{build_with, Adapt, LoraConfig};
 use crate::projection::{normal, Projection, ONES};
 use crate::rope::Rope;
+use minibatch_nn::ops::scaled_dot_product_attention_dropout as sdpa;
 
 /// One attention block's projections and sizes.
 #[derive(Clone, Debug)]
@@ -150,7 +150,7 @@ impl Attention {
         let k = rope_thd(&k, cos, sin)?.transpose(1, 2)?;
         let v = v.transpose(1, 2)?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let o = attend(&q, &k, &v, mask, true, scale, &self.dropout, train)?;
+        let o = sdpa(&q, &k, &v, mask, true, Some(scale), &self.dropout, train)?;
         let o = o.transpose(1, 2)?.reshape((b, t, self.heads * hd))?;
         self.o_proj.forward_t(&o, train)
     }

@@ -18,10 +18,14 @@
 //!
 //! On the CPU (`f32`, `f64`) this is one candle custom op over `q`, `k`, `v`
 //! read through their strides (a `(b, t, h, d)` tensor transposed to
-//! `(b, h, t, d)` is used as is, no copy). The forward pass computes each
-//! row of `P` in a scratch row and never stores `P`; the backward pass
-//! recomputes it from `q` and `k` (as FlashAttention does), so no
-//! `b·h·tq·tk` tensor is kept between the passes. (batch, head) pairs are
+//! `(b, h, t, d)` is used as is, no copy). Per (batch, head) pair it works on
+//! blocks of up to 128 query rows: `S = Q_blk Kᵀ` by the `gemm` kernels into
+//! a per-thread scratch block, the softmax (and the dropout, if any) in
+//! place, then `O_blk = P V`; `P` is never stored, and the backward pass
+//! recomputes it block by block from `q` and `k` (as FlashAttention does)
+//! before its five products, so no `b·h·tq·tk` tensor is kept between the
+//! passes (dropout keeps its mask as one bit per weight). Causal blocks
+//! compute only the keys their last row sees. (batch, key head) units are
 //! split over candle's CPU thread pool when the work is large. Every other
 //! device and dtype (and the CPU after
 //! [`set_tensor_path(true)`](crate::set_tensor_path)) runs the same maths as
@@ -31,11 +35,16 @@ use std::ops::Range;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor};
 
-use super::simd::{dot, simd_dispatch};
+use std::sync::OnceLock;
+
+use super::simd::{dot, max, simd_dispatch, sum_16_pairwise};
 use crate::dispatch::cpu_kernel;
+use crate::dropout::{DropMask, KeepStream};
 use crate::error::NnError;
 use crate::float::Float;
+use crate::gemm::{matmul_seq, Mat};
 use crate::split::{parts, run_parts};
+use crate::Dropout;
 
 /// Attention of the queries `q` over the keys `k` and values `v`, as
 /// PyTorch's `torch.nn.functional.scaled_dot_product_attention(q, k, v,
@@ -150,14 +159,96 @@ pub fn scaled_dot_product_attention_masked(
     scale: Option<f64>,
 ) -> Result<Tensor> {
     let g = Geom::check(q, k, v, is_causal, scale)?;
+    attention(q, k, v, mask, g, None)
+}
+
+/// [`scaled_dot_product_attention_masked`] with dropout on the attention
+/// weights, as PyTorch's `F.scaled_dot_product_attention(..., dropout_p=p)`
+/// in training and transformers' eager attention (`softmax`, then dropout,
+/// then `@ v`):
+///
+/// * `O = (P ⊙ D / (1 - p)) V`, `D` a random 0/1 mask over the weights
+///   `(b, h, tq, tk)` with keep rate `1 - p`;
+/// * `dropout` gives `p` and the seed, and its masks are
+///   [`Dropout::forward`]'s: this call draws the layer's next call index
+///   (see [`set_rng_step`](crate::set_rng_step)), and `D` is exactly the mask
+///   `dropout.forward(&weights, true)` would apply to the weights tensor. A
+///   resumed run (or a [`recompute`](crate::recompute) replay) draws the same
+///   masks;
+/// * with `train = false` or `p = 0` it is
+///   [`scaled_dot_product_attention_masked`] and draws nothing.
+///
+/// On the CPU (`f32`, `f64`) the dropout happens inside the fused kernel,
+/// which keeps the mask as one bit per weight for the backward pass instead
+/// of any `(b, h, tq, tk)` tensor; elsewhere the mask is drawn on the host
+/// and applied to the composed weights with tensor ops.
+///
+/// Errors: those of [`scaled_dot_product_attention_masked`], and a drop
+/// probability outside `[0, 1)` in training.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use minibatch_nn::ops::scaled_dot_product_attention_dropout as sdpa;
+/// use minibatch_nn::{set_rng_step, Dropout};
+///
+/// # fn main() -> candle_core::Result<()> {
+/// let dev = Device::Cpu;
+/// let q = Tensor::randn(0f32, 1.0, (2, 4, 8, 16), &dev)?;
+/// let drop = Dropout::new(0.1);
+/// set_rng_step(3);
+/// let a = sdpa(&q, &q, &q, None, true, None, &drop, true)?;
+/// set_rng_step(3);
+/// let b = sdpa(&q, &q, &q, None, true, None, &drop, true)?;
+/// // The same step draws the same mask.
+/// assert_eq!(a.flatten_all()?.to_vec1::<f32>()?, b.flatten_all()?.to_vec1::<f32>()?);
+/// // Evaluation: no dropout.
+/// let eval = sdpa(&q, &q, &q, None, true, None, &drop, false)?;
+/// let plain = minibatch_nn::ops::scaled_dot_product_attention(&q, &q, &q, true, None)?;
+/// assert_eq!(eval.flatten_all()?.to_vec1::<f32>()?, plain.flatten_all()?.to_vec1::<f32>()?);
+/// # Ok(()) }
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn scaled_dot_product_attention_dropout(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    is_causal: bool,
+    scale: Option<f64>,
+    dropout: &Dropout,
+    train: bool,
+) -> Result<Tensor> {
+    let g = Geom::check(q, k, v, is_causal, scale)?;
+    let drop = dropout.next_mask(train, true)?;
+    attention(q, k, v, mask, g, drop)
+}
+
+/// The fused kernel or the tensor-op path, for checked sizes.
+fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    g: Geom,
+    drop: Option<DropMask>,
+) -> Result<Tensor> {
     let mask = match mask {
         Some(m) => Some(additive_mask(m, q, &g)?),
         None => None,
     };
     if cpu_kernel(q) && matches!(q.dtype(), DType::F32 | DType::F64) {
-        return q.apply_op3(k, v, Sdpa { g, mask });
+        return q.apply_op3(
+            k,
+            v,
+            Sdpa {
+                g,
+                mask,
+                drop,
+                kept: OnceLock::new(),
+            },
+        );
     }
-    composed(q, k, v, mask.as_ref(), &g)
+    composed(q, k, v, mask.as_ref(), &g, drop)
 }
 
 /// `mask` as an additive mask of `q`'s dtype broadcast to `(b, h, tq, tk)`,
@@ -307,6 +398,15 @@ impl Geom {
         }
     }
 
+    /// Query rows per block of the fused kernel: a block's scores `(rows,
+    /// tk)` sit in per-thread scratch (about 128 KiB of `f32` once `tk`
+    /// passes 256; 32 rows at the least), and causal blocks are smaller so
+    /// that fewer hidden scores are computed.
+    fn block_rows(&self) -> usize {
+        let cap = if self.causal { 64 } else { 128 };
+        cap.min((32768 / self.tk).max(32))
+    }
+
     /// The (batch, key head) units of each part the work is split into.
     fn split(&self) -> Vec<Range<usize>> {
         let n = self.b * self.hk;
@@ -321,7 +421,14 @@ impl Geom {
 
 /// The tensor-op path: `softmax(scale · q kᵀ + mask) v`, with K and V
 /// repeated over each group of query heads.
-fn composed(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, g: &Geom) -> Result<Tensor> {
+fn composed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    g: &Geom,
+    drop: Option<DropMask>,
+) -> Result<Tensor> {
     let repeat = |x: &Tensor| -> Result<Tensor> {
         if g.hk == g.h {
             return Ok(x.clone());
@@ -348,8 +455,15 @@ fn composed(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, g: &Geom)
     if let Some(m) = mask {
         s = (s + m)?;
     }
+    // Dropout on the weights: the mask Dropout draws for a (b, h, tq, tk) tensor.
+    let dropped = |p: Tensor| -> Result<Tensor> {
+        match drop {
+            Some(dm) => p.broadcast_mul(&dm.multiplier(p.shape(), p.dtype(), p.device())?),
+            None => Ok(p),
+        }
+    };
     if mask.is_none() {
-        return super::softmax_last_dim(&s)?.matmul(&v);
+        return dropped(super::softmax_last_dim(&s)?)?.matmul(&v);
     }
     // Rows that see no key get zero weights (the softmax of a row of -inf
     // is NaN): their scores are replaced before the softmax (so no NaN
@@ -361,7 +475,7 @@ fn composed(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, g: &Geom)
         .contiguous()?;
     let zeros = s.zeros_like()?;
     let p = super::softmax_last_dim(&ok.where_cond(&s, &zeros)?)?;
-    ok.where_cond(&p, &zeros)?.matmul(&v)
+    dropped(ok.where_cond(&p, &zeros)?)?.matmul(&v)
 }
 
 /// The fused CPU op (the mask, if any, additive, of the inputs' dtype and
@@ -369,6 +483,10 @@ fn composed(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, g: &Geom)
 struct Sdpa {
     g: Geom,
     mask: Option<Tensor>,
+    /// Dropout on the attention weights (training).
+    drop: Option<DropMask>,
+    /// The keep bits the forward pass drew (with `drop`), for the backward.
+    kept: OnceLock<Vec<u64>>,
 }
 
 /// A rank-4 CPU tensor read through its layout.
@@ -443,47 +561,6 @@ fn cut<'a, T>(mut buf: &'a mut [T], ranges: &[Range<usize>], per: usize) -> Vec<
         .collect()
 }
 
-/// One query row's probabilities: `p[j] = softmax_j(scale · q·k_j + m_j)`
-/// for the `n` first keys (`p` has at least `n` elements; the rest is not
-/// touched; `m` the mask row, if any). A row whose scores are all `-inf` is
-/// all zeros.
-#[inline(always)]
-fn probs<T: Float>(qi: &[T], k: &[T], d: usize, n: usize, scale: T, m: Option<&[T]>, p: &mut [T]) {
-    let mut mx = T::NEG_INFINITY;
-    for (j, pj) in p[..n].iter_mut().enumerate() {
-        let mut s = scale * dot(qi, &k[j * d..(j + 1) * d]);
-        if let Some(m) = m {
-            s += m[j];
-        }
-        *pj = s;
-        if s > mx {
-            mx = s;
-        }
-    }
-    if mx == T::NEG_INFINITY {
-        p[..n].iter_mut().for_each(|x| *x = T::ZERO);
-        return;
-    }
-    let mut sum = T::ZERO;
-    for pj in p[..n].iter_mut() {
-        let e = (*pj - mx).exp_fast();
-        *pj = e;
-        sum += e;
-    }
-    let inv = T::ONE / sum;
-    for pj in p[..n].iter_mut() {
-        *pj *= inv;
-    }
-}
-
-/// `y += a · x`.
-#[inline(always)]
-fn axpy<T: Float>(y: &mut [T], a: T, x: &[T]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += a * *x;
-    }
-}
-
 /// The mask of one (batch, query head) pair, if any.
 struct MaskRows<'a, T> {
     view: Option<&'a View<'a, T>>,
@@ -498,26 +575,132 @@ impl<T: Float> MaskRows<'_, T> {
     }
 }
 
+/// Turns a block's raw scores `s (rows, nb)` (`q_i · k_j` for the queries
+/// `i0..`) into attention weights in place: `softmax_j(scale · s_ij + m_ij)`
+/// over the keys query `i` sees, zero for the keys it does not see (and a
+/// whole row of zeros for a query that sees none). `ms` is a scratch row.
+/// Each step is its own pass over the row, so that every pass vectorizes
+/// (the sums keep [`LANES`](super::simd::LANES) partial sums).
+#[inline(always)]
+fn weights<T: Float>(
+    s: &mut [T],
+    i0: usize,
+    nb: usize,
+    g: &Geom,
+    mask: &MaskRows<T>,
+    ms: &mut [T],
+) {
+    let scale = T::from_f64(g.scale);
+    for (r, row) in s.chunks_exact_mut(nb.max(1)).enumerate() {
+        let n = g.keys(i0 + r);
+        let (live, dead) = row.split_at_mut(n);
+        dead.fill(T::ZERO);
+        match mask.row(i0 + r, n, ms) {
+            Some(m) => live
+                .iter_mut()
+                .zip(m)
+                .for_each(|(x, &mj)| *x = scale * *x + mj),
+            None => live.iter_mut().for_each(|x| *x *= scale),
+        }
+        let mx = max(live);
+        if mx == T::NEG_INFINITY {
+            live.fill(T::ZERO);
+            continue;
+        }
+        live.iter_mut().for_each(|x| *x = (*x - mx).exp_fast());
+        let inv = T::ONE / sum_16_pairwise(live);
+        live.iter_mut().for_each(|x| *x *= inv);
+    }
+}
+
+/// The dropout of one (batch, query head) pair in the forward pass: the
+/// stream of its keep decisions (positioned at the pair's first weight),
+/// the bits that record them (bit `i · tk + j`), `1/(1-p)`, and scratch
+/// rows of `tk` stream words and multipliers.
+struct PairDrop<'a, T> {
+    stream: KeepStream,
+    bits: &'a mut [u64],
+    scale: T,
+    words: &'a mut [u32],
+    bytes: &'a mut [u8],
+    mult: &'a mut [T],
+}
+
+/// A block of rows `i0..` of the pair's weights `s (rows, nb)` dropped in
+/// place (kept: times `1/(1-p)`, else 0), drawing `tk` decisions a row.
+#[inline(always)]
+fn drop_block<T: Float>(s: &mut [T], i0: usize, nb: usize, tk: usize, d: &mut PairDrop<T>) {
+    for (r, row) in s.chunks_exact_mut(nb.max(1)).enumerate() {
+        let words = &mut d.words[..tk];
+        d.stream.fill(words, d.bytes);
+        let th = d.stream.threshold();
+        let (scale, mult) = (d.scale, &mut d.mult[..tk]);
+        for (m, &w) in mult.iter_mut().zip(words.iter()) {
+            *m = if w as u64 >= th { scale } else { T::ZERO };
+        }
+        // Dropout's values: x times (1 · scale) or times (0 · scale).
+        row.iter_mut().zip(mult.iter()).for_each(|(x, m)| *x *= *m);
+        set_bits(d.bits, (i0 + r) * tk, words, th);
+    }
+}
+
+/// Sets bit `at + j` of `bits` for every kept word `j` (`words[j] ≥ th`;
+/// the bits are zero on entry).
+#[inline(always)]
+fn set_bits(bits: &mut [u64], at: usize, words: &[u32], th: u64) {
+    for (j, &w) in words.iter().enumerate() {
+        let e = at + j;
+        bits[e / 64] |= u64::from(w as u64 >= th) << (e % 64);
+    }
+}
+
+/// `mult[j] = scale` where bit `at + j` of `bits` is set, else 0.
+#[inline(always)]
+fn bits_to_mult<T: Float>(bits: &[u64], at: usize, scale: T, mult: &mut [T]) {
+    for (j, m) in mult.iter_mut().enumerate() {
+        let e = at + j;
+        *m = if bits[e / 64] >> (e % 64) & 1 == 1 {
+            scale
+        } else {
+            T::ZERO
+        };
+    }
+}
+
+/// Rows `i0..i0 + rows` of a row-major `(_, cols)` matrix.
+#[inline(always)]
+fn rows_of<T>(data: &[T], i0: usize, rows: usize, cols: usize) -> Mat<'_, T> {
+    Mat::row_major(&data[i0 * cols..(i0 + rows) * cols], rows, cols)
+}
+
 /// The forward pass of one pair: `q (tq, d)`, `k (tk, d)`, `v (tk, dv)`
-/// row-major; `o (tq, dv)` zeroed on entry; `p`, `ms` scratch rows of `tk`.
+/// row-major; `o (tq, dv)` is written. Blocks of query rows: the scores
+/// `Q_blk Kᵀ` (one matrix product into the scratch `s`), their softmax
+/// (and dropout) in place, then `O_blk = P_blk V` (a second product).
 #[inline(always)]
 fn head_fwd_body<T: Float>(
     [q, k, v]: [&[T]; 3],
     mask: &MaskRows<T>,
     g: &Geom,
-    [p, ms]: [&mut [T]; 2],
+    mut drop: Option<&mut PairDrop<T>>,
+    [s, ms]: [&mut [T]; 2],
     o: &mut [T],
 ) {
-    let (d, dv) = (g.d, g.dv);
-    let scale = T::from_f64(g.scale);
-    for i in 0..g.tq {
-        let n = g.keys(i);
-        let m = mask.row(i, n, ms);
-        probs(&q[i * d..(i + 1) * d], k, d, n, scale, m, p);
-        let oi = &mut o[i * dv..(i + 1) * dv];
-        for (j, &pj) in p[..n].iter().enumerate() {
-            axpy(oi, pj, &v[j * dv..(j + 1) * dv]);
+    let (d, dv, br) = (g.d, g.dv, g.block_rows());
+    for i0 in (0..g.tq).step_by(br) {
+        let rows = br.min(g.tq - i0);
+        // Causal: the block's last query sees the most keys.
+        let nb = g.keys(i0 + rows - 1);
+        let s = &mut s[..rows * nb];
+        let kt = Mat::row_major(&k[..nb * d], nb, d).t();
+        matmul_seq(s, nb, rows_of(q, i0, rows, d), kt, false);
+        weights(s, i0, nb, g, mask, ms);
+        if let Some(dr) = drop.as_deref_mut() {
+            drop_block(s, i0, nb, g.tk, dr);
         }
+        let vb = Mat::row_major(&v[..nb * dv], nb, dv);
+        let ob = &mut o[i0 * dv..(i0 + rows) * dv];
+        matmul_seq(ob, dv, Mat::row_major(s, rows, nb), vb, false);
     }
 }
 
@@ -529,77 +712,133 @@ struct Grads<'a, T> {
 }
 
 /// The backward pass of one pair: `q`, `k`, `v` as in [`head_fwd_body`],
-/// `go (tq, dv)`; `dq` zeroed on entry, `dk` and `dv` accumulated into;
-/// `p`, `dp`, `ms` scratch rows of `tk`.
+/// `go (tq, dv)`; `dq` is written, `dk` and `dv` accumulated into. `drop`:
+/// the pair's keep bits from the forward pass and `1/(1-p)`. Per block of
+/// query rows, with `P` recomputed from `q` and `k` and `P' = P ⊙ D` its
+/// dropped weights: `dV += P'ᵀ dO`, `dP' = dO Vᵀ`, `dP = dP' ⊙ D`,
+/// `dS = scale · P ⊙ (dP − rowsum(P ⊙ dP))`, `dQ = dS K`, `dK += dSᵀ Q`:
+/// five matrix products, and element-wise passes over the block.
 #[inline(always)]
 fn head_bwd_body<T: Float>(
     [q, k, v]: [&[T]; 3],
     go: &[T],
     mask: &MaskRows<T>,
     g: &Geom,
-    [p, dp, ms]: [&mut [T]; 3],
+    drop: Option<(&[u64], T)>,
+    [s, pd, dp, mult, ms]: [&mut [T]; 5],
     out: &mut Grads<T>,
 ) {
     let Grads { dq, dk, dv: dvs } = out;
-    let (d, dv) = (g.d, g.dv);
+    let (d, dv, tk, br) = (g.d, g.dv, g.tk, g.block_rows());
     let scale = T::from_f64(g.scale);
-    for i in 0..g.tq {
-        let n = g.keys(i);
-        let qi = &q[i * d..(i + 1) * d];
-        let goi = &go[i * dv..(i + 1) * dv];
-        let m = mask.row(i, n, ms);
-        probs(qi, k, d, n, scale, m, p);
-        // dV_j += P_ij dO_i; dP_ij = dO_i · V_j; r = Σ_j P_ij dP_ij.
-        let mut r = T::ZERO;
-        for j in 0..n {
-            let vj = &v[j * dv..(j + 1) * dv];
-            axpy(&mut dvs[j * dv..(j + 1) * dv], p[j], goi);
-            let x = dot(goi, vj);
-            dp[j] = x;
-            r += p[j] * x;
+    for i0 in (0..g.tq).step_by(br) {
+        let rows = br.min(g.tq - i0);
+        let nb = g.keys(i0 + rows - 1);
+        let (kb, vb) = (
+            Mat::row_major(&k[..nb * d], nb, d),
+            Mat::row_major(&v[..nb * dv], nb, dv),
+        );
+        let (qb, gob) = (rows_of(q, i0, rows, d), rows_of(go, i0, rows, dv));
+        let s = &mut s[..rows * nb];
+        matmul_seq(s, nb, qb, kb.t(), false);
+        weights(s, i0, nb, g, mask, ms);
+        let p: &[T] = s;
+        let dropped: &[T] = match drop {
+            Some((bits, ds)) => {
+                // The multipliers of the block's rows, kept for dP below.
+                let (pd, mb) = (&mut pd[..rows * nb], &mut mult[..rows * nb]);
+                for (r, (pr, (dr, mr))) in p
+                    .chunks_exact(nb)
+                    .zip(pd.chunks_exact_mut(nb).zip(mb.chunks_exact_mut(nb)))
+                    .enumerate()
+                {
+                    bits_to_mult(bits, (i0 + r) * tk, ds, mr);
+                    for ((x, y), m) in pr.iter().zip(dr.iter_mut()).zip(mr.iter()) {
+                        *y = *x * *m;
+                    }
+                }
+                pd
+            }
+            None => p,
+        };
+        matmul_seq(
+            &mut dvs[..nb * dv],
+            dv,
+            Mat::row_major(dropped, rows, nb).t(),
+            gob,
+            true,
+        );
+        let dp = &mut dp[..rows * nb];
+        matmul_seq(dp, nb, gob, vb.t(), false);
+        for (r, (pr, dr)) in p.chunks_exact(nb).zip(dp.chunks_exact_mut(nb)).enumerate() {
+            let i = i0 + r;
+            let n = g.keys(i);
+            if drop.is_some() {
+                let mr = &mult[r * nb..r * nb + n];
+                dr[..n].iter_mut().zip(mr).for_each(|(y, m)| *y *= *m);
+            }
+            let rsum = dot(&pr[..n], &dr[..n]);
+            for (x, y) in pr[..n].iter().zip(dr[..n].iter_mut()) {
+                *y = scale * *x * (*y - rsum);
+            }
+            dr[n..].fill(T::ZERO);
         }
-        // dS_ij (times the scale); dQ_i = Σ_j dS_ij K_j; dK_j += dS_ij Q_i.
-        let dqi = &mut dq[i * d..(i + 1) * d];
-        for j in 0..n {
-            let ds = scale * p[j] * (dp[j] - r);
-            axpy(dqi, ds, &k[j * d..(j + 1) * d]);
-            axpy(&mut dk[j * d..(j + 1) * d], ds, qi);
-        }
+        let dsb = Mat::row_major(&*dp, rows, nb);
+        matmul_seq(&mut dq[i0 * d..(i0 + rows) * d], d, dsb, kb, false);
+        matmul_seq(&mut dk[..nb * d], d, dsb.t(), qb, true);
     }
 }
 
-simd_dispatch!(fn head_fwd(x: [&[T]; 3], mask: &MaskRows<T>, g: &Geom, s: [&mut [T]; 2], o: &mut [T]) => head_fwd_body);
-simd_dispatch!(fn head_bwd(x: [&[T]; 3], go: &[T], mask: &MaskRows<T>, g: &Geom, s: [&mut [T]; 3], out: &mut Grads<T>) => head_bwd_body);
+simd_dispatch!(fn head_fwd(x: [&[T]; 3], mask: &MaskRows<T>, g: &Geom, drop: Option<&mut PairDrop<T>>, s: [&mut [T]; 2], o: &mut [T]) => head_fwd_body);
+simd_dispatch!(fn head_bwd(x: [&[T]; 3], go: &[T], mask: &MaskRows<T>, g: &Geom, drop: Option<(&[u64], T)>, s: [&mut [T]; 5], out: &mut Grads<T>) => head_bwd_body);
 
 impl Sdpa {
+    /// 64-bit words of keep bits per (batch, query head) pair.
+    fn words_per_pair(&self) -> usize {
+        (self.g.tq * self.g.tk).div_ceil(64)
+    }
+
     /// Each unit is one (batch, key head) pair and the `group` query heads
     /// that read it: K and V are gathered once per unit, and its `dK`, `dV`
     /// are summed over the group within one part (no two parts write the
-    /// same rows).
+    /// same rows). With dropout, also returns the keep bits of every pair.
     fn forward<T: Float>(
         &self,
         q: View<T>,
         k: View<T>,
         v: View<T>,
         mask: Option<View<T>>,
-    ) -> Vec<T> {
+    ) -> (Vec<T>, Vec<u64>) {
         let g = &self.g;
         let (tq, tk, d, dv, grp) = (g.tq, g.tk, g.d, g.dv, g.group());
-        // Zeroed by the allocator (calloc), accumulated into below.
+        let br = g.block_rows();
         let mut out = vec![T::ZERO; g.b * g.h * tq * dv];
+        let wpp = if self.drop.is_some() {
+            self.words_per_pair()
+        } else {
+            0
+        };
+        let mut bits = vec![0u64; g.b * g.h * wpp];
         let ranges = g.split();
         let items: Vec<_> = ranges
             .iter()
             .cloned()
             .zip(cut(&mut out, &ranges, grp * tq * dv))
+            .zip(cut(&mut bits, &ranges, grp * wpp))
             .collect();
         let mask = mask.as_ref();
-        run_parts(items, |_, (units, o)| {
+        run_parts(items, |_, ((units, o), bits)| {
             let mut qs = vec![T::ZERO; tq * d];
             let mut ks = vec![T::ZERO; tk * d];
             let mut vs = vec![T::ZERO; tk * dv];
-            let mut p = vec![T::ZERO; tk];
+            let mut s = vec![T::ZERO; br * tk];
             let mut ms = vec![T::ZERO; tk];
+            let (dn, mut words, mut mult) = match self.drop {
+                Some(_) => (tk, vec![0u32; tk], vec![T::ZERO; tk]),
+                None => (0, Vec::new(), Vec::new()),
+            };
+            let mut bytes = vec![0u8; 4 * dn];
+            let lo = units.start;
             for (u, o) in units.zip(o.chunks_exact_mut((grp * tq * dv).max(1))) {
                 let (bi, kh) = (u / g.hk, u % g.hk);
                 k.gather(bi, kh, tk, d, &mut ks);
@@ -608,20 +847,35 @@ impl Sdpa {
                     let hi = kh * grp + gi;
                     q.gather(bi, hi, tq, d, &mut qs);
                     let m = MaskRows { view: mask, bi, hi };
-                    head_fwd([&qs, &ks, &vs], &m, g, [&mut p, &mut ms], o);
+                    let at = ((u - lo) * grp + gi) * wpp;
+                    let mut pd = self.drop.map(|dm| PairDrop {
+                        stream: dm.stream_at(((bi * g.h + hi) * tq * tk) as u64),
+                        bits: &mut bits[at..at + wpp],
+                        scale: T::from_f64(dm.scale),
+                        words: &mut words[..dn],
+                        bytes: &mut bytes,
+                        mult: &mut mult[..dn],
+                    });
+                    head_fwd([&qs, &ks, &vs], &m, g, pd.as_mut(), [&mut s, &mut ms], o);
                 }
             }
         });
-        out
+        (out, bits)
     }
 
     fn backward<T: Float>(
         &self,
         [q, k, v, go]: [View<T>; 4],
         mask: Option<View<T>>,
+        bits: &[u64],
     ) -> (Vec<T>, Vec<T>, Vec<T>) {
         let g = &self.g;
         let (tq, tk, d, dv, grp) = (g.tq, g.tk, g.d, g.dv, g.group());
+        let br = g.block_rows();
+        let (wpp, ds) = match self.drop {
+            Some(dm) => (self.words_per_pair(), T::from_f64(dm.scale)),
+            None => (0, T::ONE),
+        };
         let n = g.b * g.hk;
         let mut dq = vec![T::ZERO; n * grp * tq * d];
         let mut dk = vec![T::ZERO; n * tk * d];
@@ -640,8 +894,10 @@ impl Sdpa {
             let mut ks = vec![T::ZERO; tk * d];
             let mut vs = vec![T::ZERO; tk * dv];
             let mut gs = vec![T::ZERO; tq * dv];
-            let mut p = vec![T::ZERO; tk];
-            let mut dp = vec![T::ZERO; tk];
+            let mut s = vec![T::ZERO; br * tk];
+            let mut pd = vec![T::ZERO; if wpp > 0 { br * tk } else { 0 }];
+            let mut dp = vec![T::ZERO; br * tk];
+            let mut mult = vec![T::ZERO; if wpp > 0 { br * tk } else { 0 }];
             let mut ms = vec![T::ZERO; tk];
             let lo = units.start;
             for u in units {
@@ -662,12 +918,15 @@ impl Sdpa {
                         dv: &mut *dvs,
                     };
                     let m = MaskRows { view: mask, bi, hi };
+                    let pair = bi * g.h + hi;
+                    let drop = (wpp > 0).then(|| (&bits[pair * wpp..(pair + 1) * wpp], ds));
                     head_bwd(
                         [&qs, &ks, &vs],
                         &gs,
                         &m,
                         g,
-                        [&mut p, &mut dp, &mut ms],
+                        drop,
+                        [&mut s, &mut pd, &mut dp, &mut mult, &mut ms],
                         &mut out,
                     );
                 }
@@ -710,7 +969,14 @@ impl Sdpa {
         } else {
             None
         };
-        let (dq, dk, dv) = self.backward([view(0)?, view(1)?, view(2)?, view(3)?], mask);
+        let bits: &[u64] = match (&self.drop, self.kept.get()) {
+            (None, _) => &[],
+            (Some(_), Some(b)) => b,
+            (Some(_), None) => {
+                candle_core::bail!("scaled_dot_product_attention: backward before forward")
+            }
+        };
+        let (dq, dk, dv) = self.backward([view(0)?, view(1)?, view(2)?, view(3)?], mask, bits);
         let cpu = Device::Cpu;
         Ok((
             Tensor::from_vec(dq, q.shape(), &cpu)?,
@@ -720,15 +986,22 @@ impl Sdpa {
     }
 
     /// The forward pass on CPU storage, with the mask's storage read here.
+    /// The keep bits of a dropout pass are kept for the backward pass.
     fn cpu_forward<T: Float>(&self, [q, k, v]: [View<T>; 3]) -> Result<Vec<T>> {
-        let Some(mask) = &self.mask else {
-            return Ok(self.forward(q, k, v, None));
+        let (out, bits) = match &self.mask {
+            None => self.forward(q, k, v, None),
+            Some(mask) => {
+                let (s, l) = mask.storage_and_layout();
+                let Storage::Cpu(s) = &*s else {
+                    candle_core::bail!("scaled_dot_product_attention: the mask is off the CPU");
+                };
+                self.forward(q, k, v, Some(View::new(s, l)?))
+            }
         };
-        let (s, l) = mask.storage_and_layout();
-        let Storage::Cpu(s) = &*s else {
-            candle_core::bail!("scaled_dot_product_attention: the mask is off the CPU");
-        };
-        Ok(self.forward(q, k, v, Some(View::new(s, l)?)))
+        if self.drop.is_some() {
+            let _ = self.kept.set(bits);
+        }
+        Ok(out)
     }
 }
 

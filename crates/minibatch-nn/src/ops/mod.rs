@@ -10,7 +10,10 @@ mod pool;
 mod relu;
 mod silu;
 
-pub use attention::{scaled_dot_product_attention, scaled_dot_product_attention_masked};
+pub use attention::{
+    scaled_dot_product_attention, scaled_dot_product_attention_dropout,
+    scaled_dot_product_attention_masked,
+};
 pub use gelu::{gelu, gelu_erf};
 pub use pool::{avg_pool2d, avg_pool2d_with_stride, max_pool2d, max_pool2d_with_stride};
 pub use relu::relu;

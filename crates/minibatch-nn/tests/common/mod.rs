@@ -129,3 +129,17 @@ pub fn both_paths(mut f: impl FnMut(bool)) {
     }
     minibatch_nn::set_tensor_path(false);
 }
+
+/// Uniform draws in `[-scale, scale)`, seeded by `seed`, as a `dtype` tensor.
+pub fn uniform(shape: &[usize], dtype: DType, seed: u64, scale: f64) -> Tensor {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let n = shape.iter().product();
+    let v: Vec<f64> = (0..n)
+        .map(|_| (rng.random::<f64>() * 2.0 - 1.0) * scale)
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
