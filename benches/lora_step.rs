@@ -16,6 +16,10 @@
 //! `LORA_INTER` [688] (intermediate size), `LORA_R` [8]; 8 heads, 4
 //! key-value heads;
 //! `LORA_STEPS` [10] timed steps on each side.
+//! Both sides run with freed memory kept for reuse
+//! (`minibatch_nn::malloc::keep_freed_memory`, the same glibc settings for
+//! the Python process); `MINIBATCH_BENCH_MALLOC=default` runs both with
+//! glibc's defaults.
 //!
 //! `cargo bench --bench lora_step` (PyTorch from `MINIBATCH_TORCH_PYTHON`,
 //! default `~/.venv-torch/bin/python`; without it the PyTorch lines are
@@ -208,6 +212,7 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 fn main() {
+    let malloc = common::malloc_setting();
     if std::env::var_os("LORA_STEP_MEMORY").is_some() {
         memory_child();
         return;
@@ -217,6 +222,7 @@ fn main() {
     if args.iter().any(|a| a == "--test" || a == "--list") {
         return;
     }
+    println!("allocator: {malloc}");
     let s = shape();
     let before = torch(&s);
     let mut st = setup(&s);

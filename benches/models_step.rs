@@ -26,6 +26,10 @@
 //! minus the `VmRSS` before the first step), and the ratios PyTorch / ours
 //! (above 1: ours faster). `MODELS_STEP_ONLY=minilm` (or `llama`) runs one
 //! workload; `MODELS_STEP_PHASES=1` adds where our step's time goes.
+//! Both sides run with freed memory kept for reuse
+//! (`minibatch_nn::malloc::keep_freed_memory`, and the same glibc settings for
+//! the Python process); `MINIBATCH_BENCH_MALLOC=default` runs both with
+//! glibc's defaults.
 //!
 //! `cargo bench --bench models_step`
 
@@ -388,6 +392,7 @@ fn run(workload: &str, warmup: usize, rounds: usize) {
 }
 
 fn main() {
+    let malloc = common::malloc_setting();
     if let Ok(w) = std::env::var("MODELS_STEP_MEMORY") {
         memory_child(&w);
         return;
@@ -400,6 +405,7 @@ fn main() {
     let warmup = common::env_or("MODELS_STEP_WARMUP", 3usize);
     let rounds = common::env_or("MODELS_STEP_ROUNDS", 5usize).max(1);
     let only = std::env::var("MODELS_STEP_ONLY").ok();
+    println!("allocator: {malloc}");
     for w in WORKLOADS {
         if only.as_deref().is_none_or(|o| o == w) {
             run(w, warmup, rounds);

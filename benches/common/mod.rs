@@ -96,3 +96,28 @@ pub fn rusage_cpu_seconds() -> f64 {
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
+
+/// The allocator setting of a bench run, from `MINIBATCH_BENCH_MALLOC`:
+/// `keep` (the default) calls [`minibatch_nn::malloc::keep_freed_memory`]
+/// here and sets the same glibc parameters for every child process through
+/// `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_` (the PyTorch twins and
+/// the fresh processes that measure memory), so both sides run with the same
+/// allocator; `default` leaves glibc's defaults to both. Call it first in
+/// `main`, before any thread starts. Returns the setting's name, for the
+/// bench's header.
+pub fn malloc_setting() -> &'static str {
+    if std::env::var("MINIBATCH_BENCH_MALLOC").is_ok_and(|v| v == "default") {
+        return "glibc defaults (MINIBATCH_BENCH_MALLOC=default)";
+    }
+    // Edition 2021: set_var is safe to call; no other thread runs yet.
+    std::env::set_var(
+        "MALLOC_MMAP_THRESHOLD_",
+        minibatch_nn::malloc::MMAP_THRESHOLD.to_string(),
+    );
+    std::env::set_var("MALLOC_TRIM_THRESHOLD_", i32::MAX.to_string());
+    if minibatch_nn::malloc::keep_freed_memory() {
+        "keep_freed_memory (both sides; MINIBATCH_BENCH_MALLOC=default for glibc's defaults)"
+    } else {
+        "allocator defaults (keep_freed_memory needs glibc)"
+    }
+}

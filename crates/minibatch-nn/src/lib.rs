@@ -22,6 +22,7 @@ mod init;
 mod layer_norm;
 mod linear;
 pub mod loss;
+pub mod malloc;
 pub mod ops;
 pub mod recompute;
 mod rms_norm;
