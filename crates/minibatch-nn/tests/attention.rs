@@ -6,7 +6,7 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use common::{both_paths, check_gradients_fd, devices, load_fixture};
 use minibatch_nn::ops::scaled_dot_product_attention as sdpa;
 use minibatch_nn::set_tensor_path;
