@@ -114,7 +114,10 @@ pub fn malloc_setting() -> &'static str {
         "MALLOC_MMAP_THRESHOLD_",
         minibatch_nn::malloc::MMAP_THRESHOLD.to_string(),
     );
-    std::env::set_var("MALLOC_TRIM_THRESHOLD_", i32::MAX.to_string());
+    std::env::set_var(
+        "MALLOC_TRIM_THRESHOLD_",
+        minibatch_nn::malloc::TRIM_THRESHOLD.to_string(),
+    );
     if minibatch_nn::malloc::keep_freed_memory() {
         "keep_freed_memory (both sides; MINIBATCH_BENCH_MALLOC=default for glibc's defaults)"
     } else {

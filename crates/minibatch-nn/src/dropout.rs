@@ -262,6 +262,13 @@ impl DropMask {
     }
 }
 
+/// The keep rule of every mask: an element is kept when its stream word is
+/// at or above `threshold = p · 2³²`.
+#[inline(always)]
+fn keeps(w: u32, threshold: u64) -> bool {
+    w as u64 >= threshold
+}
+
 /// Consecutive keep decisions of a [`DropMask`].
 pub(crate) struct KeepStream {
     rng: ChaCha8Rng,
@@ -270,7 +277,7 @@ pub(crate) struct KeepStream {
 
 impl KeepStream {
     /// Fills `words` with the next elements' stream words: element `j` is
-    /// kept when `words[j] as u64 >= self.threshold()`.
+    /// kept when [`keeps`](Self::keeps)`(words[j])`.
     /// `bytes` is scratch of at least `4 · words.len()` bytes: the stream is
     /// read in one `fill_bytes` (the same words as `next_u32` calls, which
     /// the stream gives as little-endian bytes).
@@ -283,10 +290,10 @@ impl KeepStream {
         }
     }
 
-    /// The keep threshold: `p · 2³²`.
+    /// Whether an element whose stream word is `w` is kept.
     #[inline(always)]
-    pub(crate) fn threshold(&self) -> u64 {
-        self.threshold
+    pub(crate) fn keeps(&self, w: u32) -> bool {
+        keeps(w, self.threshold)
     }
 }
 
@@ -319,7 +326,7 @@ impl MaskSource {
     fn for_each(&self, n: usize, mut f: impl FnMut(bool)) {
         let mut rng = self.rng();
         for _ in 0..n {
-            f(rng.next_u32() as u64 >= self.threshold);
+            f(keeps(rng.next_u32(), self.threshold));
         }
     }
 }

@@ -21,8 +21,12 @@
 /// on 64-bit), fixed, so that buffers up to it come from the heap.
 pub const MMAP_THRESHOLD: usize = 32 << 20;
 
+/// The trim threshold set by [`keep_freed_memory`]: 2 GiB − 1, the largest
+/// value `mallopt` takes, so that free memory at the top of a heap is kept.
+pub const TRIM_THRESHOLD: i32 = i32::MAX;
+
 /// Sets glibc's `M_MMAP_THRESHOLD` to [`MMAP_THRESHOLD`] and `M_TRIM_THRESHOLD`
-/// to 2 GiB − 1, the largest value `mallopt` takes (what
+/// to [`TRIM_THRESHOLD`] (what
 /// `MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=2147483647` in the
 /// environment do), so freed
 /// tensor buffers are reused by the next step instead of being unmapped and
@@ -41,7 +45,7 @@ pub fn keep_freed_memory() -> bool {
         // are in its range (the mmap threshold at most 32 MiB on 64-bit).
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD as i32) == 1
-                && libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) == 1
+                && libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
         }
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]

@@ -631,26 +631,24 @@ struct PairDrop<'a, T> {
 #[inline(always)]
 fn drop_block<T: Float>(s: &mut [T], i0: usize, nb: usize, tk: usize, d: &mut PairDrop<T>) {
     for (r, row) in s.chunks_exact_mut(nb.max(1)).enumerate() {
-        let words = &mut d.words[..tk];
+        let (words, at) = (&mut d.words[..tk], (i0 + r) * tk);
         d.stream.fill(words, d.bytes);
-        let th = d.stream.threshold();
-        let (scale, mult) = (d.scale, &mut d.mult[..tk]);
-        for (m, &w) in mult.iter_mut().zip(words.iter()) {
-            *m = if w as u64 >= th { scale } else { T::ZERO };
-        }
+        set_bits(d.bits, at, words, &d.stream);
+        // The multipliers from the bits, as the backward pass reads them.
+        let mult = &mut d.mult[..tk];
+        bits_to_mult(d.bits, at, d.scale, mult);
         // Dropout's values: x times (1 · scale) or times (0 · scale).
         row.iter_mut().zip(mult.iter()).for_each(|(x, m)| *x *= *m);
-        set_bits(d.bits, (i0 + r) * tk, words, th);
     }
 }
 
-/// Sets bit `at + j` of `bits` for every kept word `j` (`words[j] ≥ th`;
-/// the bits are zero on entry).
+/// Sets bit `at + j` of `bits` for every word `j` that `stream` keeps (the
+/// bits are zero on entry).
 #[inline(always)]
-fn set_bits(bits: &mut [u64], at: usize, words: &[u32], th: u64) {
+fn set_bits(bits: &mut [u64], at: usize, words: &[u32], stream: &KeepStream) {
     for (j, &w) in words.iter().enumerate() {
         let e = at + j;
-        bits[e / 64] |= u64::from(w as u64 >= th) << (e % 64);
+        bits[e / 64] |= u64::from(stream.keeps(w)) << (e % 64);
     }
 }
 
