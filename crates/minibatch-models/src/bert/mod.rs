@@ -28,7 +28,7 @@ use crate::error::ModelsError;
 use crate::inputs::{check_ids, check_positions, key_padding_mask, padding_idx};
 use crate::lora::{build_with, Adapt, LoraConfig};
 use crate::projection::{normal, Projection, ONES, ZEROS};
-use minibatch_nn::ops::scaled_dot_product_attention_dropout as sdpa;
+use minibatch_nn::ops::multi_head_attention as attention;
 
 fn layer_norm(size: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
     let w = vb.get_with_hints(size, "weight", ONES)?;
@@ -153,26 +153,26 @@ impl Layer {
     }
 
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
-        let (b, t, e) = x.dims3()?;
-        let (h, hd) = (self.heads, e / self.heads);
-        let split = |p: &Projection| -> Result<Tensor> {
-            p.forward_t(x, train)?
-                .reshape((b, t, h, hd))?
-                .transpose(1, 2)
-        };
-        let (q, k, v) = (split(&self.query)?, split(&self.key)?, split(&self.value)?);
-        let scale = 1.0 / (hd as f64).sqrt();
-        let ctx = sdpa(
+        let e = x.dim(2)?;
+        // q, k, v and the context stay (b, t, heads · hd): the attention
+        // reads and writes that layout itself.
+        let (q, k, v) = (
+            self.query.forward_t(x, train)?,
+            self.key.forward_t(x, train)?,
+            self.value.forward_t(x, train)?,
+        );
+        let scale = 1.0 / ((e / self.heads) as f64).sqrt();
+        let ctx = attention(
             &q,
             &k,
             &v,
+            self.heads,
             mask,
             false,
             Some(scale),
             &self.attn_dropout,
             train,
         )?;
-        let ctx = ctx.transpose(1, 2)?.reshape((b, t, e))?;
         let a = self
             .dropout
             .forward(&self.attention_output.forward_t(&ctx, train)?, train)?;

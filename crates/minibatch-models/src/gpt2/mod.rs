@@ -26,7 +26,7 @@ use crate::activation::Activation;
 use crate::inputs::{check_ids, check_positions, key_padding_mask};
 use crate::lora::{build_with, Adapt, LoraConfig};
 use crate::projection::{normal, Projection, ONES, ZEROS};
-use minibatch_nn::ops::scaled_dot_product_attention_dropout as sdpa;
+use minibatch_nn::ops::multi_head_attention as attention;
 
 fn layer_norm(size: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
     let w = vb.get_with_hints(size, "weight", ONES)?;
@@ -126,27 +126,24 @@ impl Block {
     }
 
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
-        let (b, t, e) = x.dims3()?;
-        let (h, hd) = (self.heads, e / self.heads);
+        let (e, h) = (x.dim(2)?, self.heads);
         let a = self.ln_1.forward(x)?;
-        // (b, t, 3, h, hd): q, k, v as strided (b, h, t, hd) views, no copies.
-        let qkv = self
-            .c_attn
-            .forward_t(&a, train)?
-            .reshape((b, t, 3, h, hd))?;
-        let part = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2);
+        // (b, t, 3 · e): q, k, v as strided (b, t, h · hd) views, no copies;
+        // the attention reads them so and writes (b, t, e).
+        let qkv = self.c_attn.forward_t(&a, train)?;
+        let part = |i: usize| qkv.narrow(2, i * e, e);
         let (q, k, v) = (part(0)?, part(1)?, part(2)?);
-        let o = sdpa(
+        let o = attention(
             &q,
             &k,
             &v,
+            h,
             mask,
             true,
             Some(self.scale),
             &self.attn_dropout,
             train,
         )?;
-        let o = o.transpose(1, 2)?.reshape((b, t, e))?;
         let o = self
             .resid_dropout
             .forward(&self.attn_c_proj.forward_t(&o, train)?, train)?;

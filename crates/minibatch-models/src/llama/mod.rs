@@ -28,7 +28,7 @@ use crate::inputs::{check_ids, key_padding_mask, padding_idx};
 use crate::lora::{build_with, Adapt, LoraConfig};
 use crate::projection::{normal, Projection, ONES};
 use crate::rope::Rope;
-use minibatch_nn::ops::scaled_dot_product_attention_dropout as sdpa;
+use minibatch_nn::ops::multi_head_attention as attention;
 
 /// One attention block's projections and sizes.
 #[derive(Clone, Debug)]
@@ -139,19 +139,28 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let hd = self.head_dim;
-        // (b, t, heads, hd), rotated in that layout, attended as (b, heads, t, hd) views.
+        // q and k (b, t, heads, hd), rotated in that layout; v (b, t, kv_heads · hd);
+        // the attention reads these layouts and writes (b, t, heads, hd).
         let q = self.q_proj.forward_t(x, train)?;
         let q = q.reshape((b, t, self.heads, hd))?;
         let k = self.k_proj.forward_t(x, train)?;
         let k = k.reshape((b, t, self.kv_heads, hd))?;
         let v = self.v_proj.forward_t(x, train)?;
-        let v = v.reshape((b, t, self.kv_heads, hd))?;
-        let q = rope_thd(&q, cos, sin)?.transpose(1, 2)?;
-        let k = rope_thd(&k, cos, sin)?.transpose(1, 2)?;
-        let v = v.transpose(1, 2)?;
+        let q = rope_thd(&q, cos, sin)?;
+        let k = rope_thd(&k, cos, sin)?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let o = sdpa(&q, &k, &v, mask, true, Some(scale), &self.dropout, train)?;
-        let o = o.transpose(1, 2)?.reshape((b, t, self.heads * hd))?;
+        let o = attention(
+            &q,
+            &k,
+            &v,
+            self.heads,
+            mask,
+            true,
+            Some(scale),
+            &self.dropout,
+            train,
+        )?;
+        let o = o.reshape((b, t, self.heads * hd))?;
         self.o_proj.forward_t(&o, train)
     }
 }

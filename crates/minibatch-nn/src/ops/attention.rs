@@ -18,7 +18,9 @@
 //!
 //! On the CPU (`f32`, `f64`) this is one candle custom op over `q`, `k`, `v`
 //! read through their strides (a `(b, t, h, d)` tensor transposed to
-//! `(b, h, t, d)` is used as is, no copy). Per (batch, head) pair it works on
+//! `(b, h, t, d)` is used as is, no copy; [`multi_head_attention`] takes
+//! token-major `(b, t, h, d)` or `(b, t, h·d)` tensors and writes its output
+//! and gradients in that layout). Per (batch, head) pair it works on
 //! blocks of up to 128 query rows: `S = Q_blk Kᵀ` by the `gemm` kernels into
 //! a per-thread scratch block, the softmax (and the dropout, if any) in
 //! place, then `O_blk = P V`; `P` is never stored, and the backward pass
@@ -223,6 +225,155 @@ pub fn scaled_dot_product_attention_dropout(
     attention(q, k, v, mask, g, drop)
 }
 
+/// [`scaled_dot_product_attention_dropout`] on tensors laid out token by
+/// token, as the projections of a transformer give them (FlashAttention's
+/// `(batch, tokens, heads, dim)` layout), so that no `transpose`, `reshape`
+/// or copy stands between the projections and the attention, in either
+/// pass:
+///
+/// * `q`: `(b, tq, heads, d)` or `(b, tq, heads · d)`; `k`: `(b, tk, hk, d)`
+///   or `(b, tk, hk · d)`; `v`: `(b, tk, hk, dv)` or `(b, tk, hk · dv)`
+///   (each of rank 4 or 3 on its own; a rank-3 `k` has `hk = k.dim(2) / d`,
+///   a rank-3 `v` has `k`'s heads);
+/// * the result has `q`'s layout: `(b, tq, heads, dv)`, or `(b, tq, heads ·
+///   dv)` for a rank-3 `q`, contiguous;
+/// * the maths, the mask (broadcast to `(b, heads, tq, tk)`), the causal
+///   flag, grouped-query heads and the dropout (the mask
+///   `Dropout::forward` would draw on the `(b, heads, tq, tk)` weights) are
+///   those of [`scaled_dot_product_attention_dropout`] on
+///   `q.transpose(1, 2)` and so on: the two give the same numbers.
+///
+/// On the CPU the fused kernel reads the tensors through their strides and
+/// writes the output and the gradients straight into the token-major
+/// layout; candle's autograd then has no view ops to differentiate (each of
+/// which costs a zero-filled buffer and an addition in its backward pass).
+///
+/// Errors: those of [`scaled_dot_product_attention_dropout`], a tensor of
+/// a rank other than 3 or 4, `heads` of 0 or not dividing `q`'s last
+/// dimension (rank 3), `heads` unlike `q.dim(2)` (rank 4), and a rank-3
+/// `k` or `v` whose last dimension is not a multiple of the head size.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use minibatch_nn::ops::{multi_head_attention, scaled_dot_product_attention_dropout};
+/// use minibatch_nn::Dropout;
+///
+/// # fn main() -> candle_core::Result<()> {
+/// let dev = Device::Cpu;
+/// // Batch 2, 5 tokens, 4 heads of size 8, as a projection gives them.
+/// let x = Tensor::randn(0f32, 1.0, (2, 5, 32), &dev)?;
+/// let drop = Dropout::new(0.0);
+/// let o = multi_head_attention(&x, &x, &x, 4, None, true, None, &drop, false)?;
+/// assert_eq!(o.dims(), [2, 5, 32]);
+/// // The same as the (batch, heads, tokens, dim) op on transposed views.
+/// let h = x.reshape((2, 5, 4, 8))?.transpose(1, 2)?;
+/// let r = scaled_dot_product_attention_dropout(&h, &h, &h, None, true, None, &drop, false)?;
+/// let r = r.transpose(1, 2)?.reshape((2, 5, 32))?;
+/// let diff = (o - r)?.abs()?.max_all()?.to_scalar::<f32>()?;
+/// assert!(diff < 1e-6);
+/// # Ok(()) }
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn multi_head_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+    is_causal: bool,
+    scale: Option<f64>,
+    dropout: &Dropout,
+    train: bool,
+) -> Result<Tensor> {
+    let what = "multi_head_attention";
+    let qd = token_dims(what, "q", q, Split::Heads(heads))?;
+    let kd = token_dims(what, "k", k, Split::Dim(qd[3]))?;
+    let vd = token_dims(what, "v", v, Split::Heads(kd[2]))?;
+    // (b, t, h, d) -> (b, h, t, d)
+    let heads_first = |d: [usize; 4]| [d[0], d[2], d[1], d[3]];
+    let g = Geom::from_dims(
+        what,
+        [q, k, v],
+        [heads_first(qd), heads_first(kd), heads_first(vd)],
+        is_causal,
+        scale,
+    )?;
+    let drop = dropout.next_mask(train, true)?;
+    let order = Order::Tokens {
+        ranks: [q.rank(), k.rank(), v.rank()],
+    };
+    let mask = match mask {
+        Some(m) => Some(additive_mask(m, q, &g)?),
+        None => None,
+    };
+    if cpu_kernel(q) && matches!(q.dtype(), DType::F32 | DType::F64) {
+        return q.apply_op3(
+            k,
+            v,
+            Sdpa {
+                g,
+                order,
+                mask,
+                drop,
+                kept: OnceLock::new(),
+            },
+        );
+    }
+    let to_heads = |x: &Tensor, d: [usize; 4]| x.reshape(d.as_slice())?.transpose(1, 2);
+    let o = composed(
+        &to_heads(q, qd)?,
+        &to_heads(k, kd)?,
+        &to_heads(v, vd)?,
+        mask.as_ref(),
+        &g,
+        drop,
+    )?
+    .transpose(1, 2)?;
+    if q.rank() == 3 {
+        o.reshape((g.b, g.tq, g.h * g.dv))
+    } else {
+        o.contiguous()
+    }
+}
+
+/// How a rank-3 tensor's last dimension splits into heads.
+#[derive(Clone, Copy)]
+enum Split {
+    /// Into this many heads.
+    Heads(usize),
+    /// Into heads of this size.
+    Dim(usize),
+}
+
+/// The `(b, tokens, heads, dim)` sizes of a token-major tensor of rank 4,
+/// or of rank 3 split as `split` says.
+fn token_dims(
+    what: &str,
+    name: &str,
+    t: &Tensor,
+    split: Split,
+) -> std::result::Result<[usize; 4], NnError> {
+    let d = t.dims();
+    match (d.len(), split) {
+        (4, Split::Heads(h)) if h != d[2] && name == "q" => Err(NnError::ShapeMismatch(format!(
+            "{what}: heads = {h} but q of shape {d:?} has {} heads (batch, tokens, heads, dim)",
+            d[2]
+        ))),
+        (4, _) => Ok([d[0], d[1], d[2], d[3]]),
+        (3, Split::Heads(h)) if h > 0 && d[2].is_multiple_of(h) => Ok([d[0], d[1], h, d[2] / h]),
+        (3, Split::Dim(hd)) if hd > 0 && d[2].is_multiple_of(hd) => Ok([d[0], d[1], d[2] / hd, hd]),
+        (3, Split::Heads(h)) => Err(NnError::ShapeMismatch(format!(
+            "{what}: {name} of shape {d:?} does not split into {h} heads"
+        ))),
+        (3, Split::Dim(hd)) => Err(NnError::ShapeMismatch(format!(
+            "{what}: {name} of shape {d:?} does not split into heads of size {hd} (q's head size)"
+        ))),
+        _ => Err(NnError::ShapeMismatch(format!(
+            "{what}: {name} must be (batch, tokens, heads, dim) or (batch, tokens, heads * dim), got shape {d:?}"
+        ))),
+    }
+}
+
 /// The fused kernel or the tensor-op path, for checked sizes.
 fn attention(
     q: &Tensor,
@@ -242,6 +393,7 @@ fn attention(
             v,
             Sdpa {
                 g,
+                order: Order::Heads,
                 mask,
                 drop,
                 kept: OnceLock::new(),
@@ -327,6 +479,19 @@ impl Geom {
                 )));
             }
         }
+        let dims = |t: &Tensor| [t.dims()[0], t.dims()[1], t.dims()[2], t.dims()[3]];
+        Self::from_dims(what, [q, k, v], [dims(q), dims(k), dims(v)], causal, scale)
+    }
+
+    /// The sizes from the `(b, heads, tokens, dim)` shapes `qd`, `kd`, `vd`
+    /// of `q`, `k`, `v` (whose dtypes and devices are checked here).
+    fn from_dims(
+        what: &str,
+        [q, k, v]: [&Tensor; 3],
+        [qd, kd, vd]: [[usize; 4]; 3],
+        causal: bool,
+        scale: Option<f64>,
+    ) -> std::result::Result<Self, NnError> {
         for (name, t) in [("k", k), ("v", v)] {
             if t.dtype() != q.dtype() {
                 return Err(NnError::InvalidArgument(format!(
@@ -343,10 +508,9 @@ impl Geom {
                 )));
             }
         }
-        let (qd, kd, vd) = (q.dims(), k.dims(), v.dims());
         if qd[0] != kd[0] || kd[..2] != vd[..2] || kd[1] == 0 || qd[1] % kd[1] != 0 {
             return Err(NnError::ShapeMismatch(format!(
-                "{what}: batch and heads differ (the key/value heads must be equal and divide the query heads): q {qd:?}, k {kd:?}, v {vd:?}"
+                "{what}: batch and heads differ (the key/value heads must be equal and divide the query heads): q {qd:?}, k {kd:?}, v {vd:?} as (batch, heads, tokens, dim)"
             )));
         }
         if qd[3] != kd[3] {
@@ -482,11 +646,56 @@ fn composed(
 /// broadcast to `(b, h, tq, tk)`).
 struct Sdpa {
     g: Geom,
+    /// The layout of `q`, `k`, `v`, the output and the gradients.
+    order: Order,
     mask: Option<Tensor>,
     /// Dropout on the attention weights (training).
     drop: Option<DropMask>,
     /// The keep bits the forward pass drew (with `drop`), for the backward.
     kept: OnceLock<Vec<u64>>,
+}
+
+/// How the fused op's tensors are laid out.
+#[derive(Clone, Copy, Debug)]
+enum Order {
+    /// `(b, heads, tokens, dim)`, the output contiguous so.
+    Heads,
+    /// `(b, tokens, heads, dim)` (rank 4) or `(b, tokens, heads · dim)`
+    /// (rank 3), the ranks of `q`, `k`, `v`; the output and the gradient
+    /// of the output have `q`'s.
+    Tokens { ranks: [usize; 3] },
+}
+
+impl Order {
+    /// The shape of a tensor of sizes `(b, h, t, d)` in this layout, with
+    /// `rank` (token-major only).
+    fn shape(&self, rank: usize, [b, h, t, d]: [usize; 4]) -> Shape {
+        match (self, rank) {
+            (Order::Heads, _) => Shape::from((b, h, t, d)),
+            (Order::Tokens { .. }, 3) => Shape::from((b, t, h * d)),
+            (Order::Tokens { .. }, _) => Shape::from((b, t, h, d)),
+        }
+    }
+
+    /// `x`, contiguous `(b, h, t, d)`, in this layout (a copy for the
+    /// token-major one).
+    fn arrange<T: Copy>(&self, x: Vec<T>, [b, h, t, d]: [usize; 4]) -> Vec<T> {
+        match self {
+            Order::Heads => x,
+            Order::Tokens { .. } => {
+                let mut out = Vec::with_capacity(x.len());
+                for bi in 0..b {
+                    for ti in 0..t {
+                        for hi in 0..h {
+                            let at = ((bi * h + hi) * t + ti) * d;
+                            out.extend_from_slice(&x[at..at + d]);
+                        }
+                    }
+                }
+                out
+            }
+        }
+    }
 }
 
 /// A rank-4 CPU tensor read through its layout.
@@ -506,6 +715,36 @@ impl<'a, T: Float> View<'a, T> {
             data: T::cpu_storage_as_slice(s)?,
             start: l.start_offset(),
             stride: [st[0], st[1], st[2], st[3]],
+        })
+    }
+
+    /// A `q`, `k`, `v` (`which` 0, 1, 2) or output gradient (3) of the op,
+    /// read as `(b, h, t, d)` whatever its `order`; `d` is its head size.
+    fn ordered(
+        s: &'a CpuStorage,
+        l: &Layout,
+        order: Order,
+        which: usize,
+        d: usize,
+    ) -> Result<Self> {
+        let rank = match order {
+            Order::Heads => return Self::new(s, l),
+            // The output gradient has q's layout.
+            Order::Tokens { ranks } => ranks[if which == 3 { 0 } else { which }],
+        };
+        let st = l.stride();
+        let stride = match (rank, st.len()) {
+            (4, 4) => [st[0], st[2], st[1], st[3]],
+            (3, 3) => [st[0], d * st[2], st[1], st[2]],
+            _ => candle_core::bail!(
+                "multi_head_attention: a layout of rank {} where rank {rank} was checked",
+                st.len()
+            ),
+        };
+        Ok(Self {
+            data: T::cpu_storage_as_slice(s)?,
+            start: l.start_offset(),
+            stride,
         })
     }
 
@@ -941,11 +1180,12 @@ impl Sdpa {
         grad: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let g = &self.g;
-        if grad.dims() != [g.b, g.h, g.tq, g.dv] {
+        let out_shape = self.order.shape(q.rank(), [g.b, g.h, g.tq, g.dv]);
+        if grad.shape() != &out_shape {
             candle_core::bail!(
                 "scaled_dot_product_attention: gradient of shape {:?} for an output of shape {:?}",
                 grad.dims(),
-                [g.b, g.h, g.tq, g.dv]
+                out_shape
             );
         }
         let mut tensors = vec![q, k, v, grad];
@@ -953,9 +1193,11 @@ impl Sdpa {
             tensors.push(m);
         }
         let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+        let dims = [g.d, g.d, g.dv, g.dv];
         let view = |i: usize| -> Result<View<T>> {
             let (s, l) = &guards[i];
             match &**s {
+                Storage::Cpu(s) if i < 4 => View::ordered(s, l, self.order, i, dims[i]),
                 Storage::Cpu(s) => View::new(s, l),
                 _ => candle_core::bail!(
                     "scaled_dot_product_attention: the fused backward got a tensor off the CPU"
@@ -976,10 +1218,11 @@ impl Sdpa {
         };
         let (dq, dk, dv) = self.backward([view(0)?, view(1)?, view(2)?, view(3)?], mask, bits);
         let cpu = Device::Cpu;
+        let o = self.order;
         Ok((
-            Tensor::from_vec(dq, q.shape(), &cpu)?,
-            Tensor::from_vec(dk, k.shape(), &cpu)?,
-            Tensor::from_vec(dv, v.shape(), &cpu)?,
+            Tensor::from_vec(o.arrange(dq, [g.b, g.h, g.tq, g.d]), q.shape(), &cpu)?,
+            Tensor::from_vec(o.arrange(dk, [g.b, g.hk, g.tk, g.d]), k.shape(), &cpu)?,
+            Tensor::from_vec(o.arrange(dv, [g.b, g.hk, g.tk, g.dv]), v.shape(), &cpu)?,
         ))
     }
 
@@ -999,7 +1242,8 @@ impl Sdpa {
         if self.drop.is_some() {
             let _ = self.kept.set(bits);
         }
-        Ok(out)
+        let g = &self.g;
+        Ok(self.order.arrange(out, [g.b, g.h, g.tq, g.dv]))
     }
 }
 
@@ -1018,20 +1262,21 @@ impl CustomOp3 for Sdpa {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = &self.g;
-        let shape = Shape::from((g.b, g.h, g.tq, g.dv));
+        let shape = self.order.shape(l1.dims().len(), [g.b, g.h, g.tq, g.dv]);
+        let o = self.order;
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
                 CpuStorage::F32(self.cpu_forward::<f32>([
-                    View::new(s1, l1)?,
-                    View::new(s2, l2)?,
-                    View::new(s3, l3)?,
+                    View::ordered(s1, l1, o, 0, g.d)?,
+                    View::ordered(s2, l2, o, 1, g.d)?,
+                    View::ordered(s3, l3, o, 2, g.dv)?,
                 ])?)
             }
             (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
                 CpuStorage::F64(self.cpu_forward::<f64>([
-                    View::new(s1, l1)?,
-                    View::new(s2, l2)?,
-                    View::new(s3, l3)?,
+                    View::ordered(s1, l1, o, 0, g.d)?,
+                    View::ordered(s2, l2, o, 1, g.d)?,
+                    View::ordered(s3, l3, o, 2, g.dv)?,
                 ])?)
             }
             _ => candle_core::bail!(

@@ -11,7 +11,7 @@ mod relu;
 mod silu;
 
 pub use attention::{
-    scaled_dot_product_attention, scaled_dot_product_attention_dropout,
+    multi_head_attention, scaled_dot_product_attention, scaled_dot_product_attention_dropout,
     scaled_dot_product_attention_masked,
 };
 pub use gelu::{gelu, gelu_erf};
