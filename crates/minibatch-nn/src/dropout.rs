@@ -45,7 +45,9 @@ use std::cell::Cell;
 use std::sync::Arc;
 use std::sync::OnceLock;
 
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, ModuleT, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, ModuleT, Shape, Tensor,
+};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -189,6 +191,62 @@ impl Dropout {
         }
         // Tensor path: the same mask, drawn on the host, as one byte per element.
         xs * mask.multiplier(xs.shape(), xs.dtype(), xs.device())?
+    }
+
+    /// `self.forward(xs, train) + residual`, the dropout-then-residual step of
+    /// a transformer block (BERT's and GPT-2's `dropout(dense(h)) + x`), with
+    /// the same mask, values and gradients as the two ops. On the CPU it is
+    /// one fused op, so candle's autograd has one node fewer to
+    /// differentiate (each node costs a zero-filled buffer and an addition
+    /// the size of `xs` in its backward pass). `xs` and `residual` must have
+    /// the same shape; in evaluation it is `xs + residual`.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use minibatch_nn::{set_rng_step, Dropout};
+    ///
+    /// # fn main() -> candle_core::Result<()> {
+    /// let x = Tensor::randn(0f32, 1.0, (4, 16), &Device::Cpu)?;
+    /// let r = Tensor::randn(0f32, 1.0, (4, 16), &Device::Cpu)?;
+    /// let drop = Dropout::new(0.25);
+    /// set_rng_step(1);
+    /// let fused = drop.forward_add(&x, &r, true)?;
+    /// set_rng_step(1);
+    /// let two = (drop.forward(&x, true)? + &r)?;
+    /// assert_eq!(fused.flatten_all()?.to_vec1::<f32>()?, two.flatten_all()?.to_vec1::<f32>()?);
+    /// # Ok(()) }
+    /// ```
+    pub fn forward_add(
+        &self,
+        xs: &Tensor,
+        residual: &Tensor,
+        train: bool,
+    ) -> candle_core::Result<Tensor> {
+        if xs.shape() != residual.shape() {
+            return Err(NnError::ShapeMismatch(format!(
+                "dropout forward_add: xs {:?} and residual {:?} differ",
+                xs.shape(),
+                residual.shape()
+            ))
+            .into());
+        }
+        // As `forward`: a training call draws its index even with p = 0.
+        let Some(mask) = self.next_mask(train, false)? else {
+            return xs + residual;
+        };
+        if cpu_kernel(xs)
+            && matches!(xs.dtype(), DType::F32 | DType::F64)
+            && residual.dtype() == xs.dtype()
+            && residual.device().same_device(xs.device())
+        {
+            let op = DropoutOp {
+                mask: mask.source,
+                scale: mask.scale,
+                kept: OnceLock::new(),
+            };
+            return xs.contiguous()?.apply_op2(&residual.contiguous()?, op);
+        }
+        xs * mask.multiplier(xs.shape(), xs.dtype(), xs.device())? + residual
     }
 
     /// The mask of the next training call, for [`Dropout::forward`] and for
@@ -367,6 +425,85 @@ fn apply_bits<T: Float>(g: &[T], bits: &[u64], scale: f64) -> Vec<T> {
         .collect()
 }
 
+impl DropoutOp {
+    /// The gradient of the dropped input: `grad` through the kept bits.
+    fn grad_in(&self, grad: &Tensor) -> candle_core::Result<Tensor> {
+        let Some(bits) = self.kept.get() else {
+            candle_core::bail!("dropout: backward before forward");
+        };
+        let grad = grad.contiguous()?;
+        with_cpu(&grad, |s, l| match s {
+            CpuStorage::F32(_) => Tensor::from_vec(
+                apply_bits::<f32>(contiguous(s, l, "dropout")?, bits, self.scale),
+                grad.shape(),
+                &Device::Cpu,
+            ),
+            CpuStorage::F64(_) => Tensor::from_vec(
+                apply_bits::<f64>(contiguous(s, l, "dropout")?, bits, self.scale),
+                grad.shape(),
+                &Device::Cpu,
+            ),
+            _ => candle_core::bail!("dropout: unexpected gradient dtype"),
+        })
+    }
+}
+
+/// `dropout(x) + r` in one pass ([`Dropout::forward_add`]).
+impl CustomOp2 for DropoutOp {
+    fn name(&self) -> &'static str {
+        "minibatch-dropout-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn add<T: Float>(x: &[T], r: &[T], mask: &MaskSource, scale: f64) -> (Vec<T>, Vec<u64>) {
+            let (mut out, bits) = apply::<T>(x, mask, scale);
+            // Dropout's value, then the addition: the two ops' bits.
+            out.iter_mut().zip(r).for_each(|(o, &r)| *o += r);
+            (out, bits)
+        }
+        let what = "dropout forward_add";
+        let (out, bits) = match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                let (o, b) = add::<f32>(
+                    contiguous(s1, l1, what)?,
+                    contiguous(s2, l2, what)?,
+                    &self.mask,
+                    self.scale,
+                );
+                (CpuStorage::F32(o), b)
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                let (o, b) = add::<f64>(
+                    contiguous(s1, l1, what)?,
+                    contiguous(s2, l2, what)?,
+                    &self.mask,
+                    self.scale,
+                );
+                (CpuStorage::F64(o), b)
+            }
+            _ => candle_core::bail!("{what}: the fused op takes two f32 or two f64 tensors"),
+        };
+        let _ = self.kept.set(bits);
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _r: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(self.grad_in(grad)?), Some(grad.clone())))
+    }
+}
+
 impl CustomOp1 for DropoutOp {
     fn name(&self) -> &'static str {
         "minibatch-dropout"
@@ -395,23 +532,6 @@ impl CustomOp1 for DropoutOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let Some(bits) = self.kept.get() else {
-            candle_core::bail!("dropout: backward before forward");
-        };
-        let grad = grad.contiguous()?;
-        let dx = with_cpu(&grad, |s, l| match s {
-            CpuStorage::F32(_) => Tensor::from_vec(
-                apply_bits::<f32>(contiguous(s, l, "dropout")?, bits, self.scale),
-                grad.shape(),
-                &Device::Cpu,
-            ),
-            CpuStorage::F64(_) => Tensor::from_vec(
-                apply_bits::<f64>(contiguous(s, l, "dropout")?, bits, self.scale),
-                grad.shape(),
-                &Device::Cpu,
-            ),
-            _ => candle_core::bail!("dropout: unexpected gradient dtype"),
-        })?;
-        Ok(Some(dx))
+        Ok(Some(self.grad_in(grad)?))
     }
 }

@@ -235,3 +235,52 @@ fn evaluation_is_identity_and_bad_p_is_an_error() {
         assert!(Dropout::new(p).forward(&x, false).is_ok());
     }
 }
+
+/// `forward_add` is `forward` then `+ residual`: the same bits, the same
+/// gradients (to both inputs), the same next masks afterwards, on the fused
+/// op and the tensor path; evaluation is the plain sum; shapes must agree.
+#[test]
+fn forward_add_is_forward_then_add() {
+    let dev = Device::Cpu;
+    for dtype in [DType::F32, DType::F64] {
+        for p in [0.0f32, 0.3] {
+            common::both_paths(|tp| {
+                let x = common::uniform(&[3, 50, 7], dtype, 1, 2.0);
+                let r = common::uniform(&[3, 50, 7], dtype, 2, 2.0);
+                let w = common::uniform(&[3, 50, 7], dtype, 3, 1.0);
+                let d = Dropout::new(p).with_seed(5);
+                let run = |fused: bool| {
+                    let (xv, rv) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&r).unwrap());
+                    set_rng_step(9);
+                    let y = if fused {
+                        d.forward_add(xv.as_tensor(), rv.as_tensor(), true).unwrap()
+                    } else {
+                        (d.forward(xv.as_tensor(), true).unwrap() + rv.as_tensor()).unwrap()
+                    };
+                    // The call after it draws the same mask either way.
+                    let next = d.forward(&x, true).unwrap();
+                    let g = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+                    let grad = |v: &Var| g.get(v.as_tensor()).expect("no gradient").clone();
+                    [y, next, grad(&xv), grad(&rv)]
+                };
+                let (a, b) = (run(true), run(false));
+                for (what, (a, b)) in ["y", "next mask", "dx", "dr"].iter().zip(a.iter().zip(&b)) {
+                    assert_close(
+                        a,
+                        b,
+                        Tol::exact(),
+                        &format!("{what}, {dtype:?}, p {p}, tensor path {tp}"),
+                    );
+                }
+                let eval = d.forward_add(&x, &r, false).unwrap();
+                assert_close(&eval, &(&x + &r).unwrap(), Tol::exact(), "eval");
+            });
+        }
+    }
+    let d = Dropout::new(0.1);
+    let x = Tensor::zeros((2, 3), DType::F32, &dev).unwrap();
+    let r = Tensor::zeros((3, 2), DType::F32, &dev).unwrap();
+    let err = d.forward_add(&x, &r, true).unwrap_err().to_string();
+    assert!(err.contains("differ"), "{err}");
+    assert!(Dropout::new(1.5).forward_add(&x, &x, true).is_err());
+}

@@ -173,15 +173,15 @@ impl Layer {
             &self.attn_dropout,
             train,
         )?;
-        let a = self
-            .dropout
-            .forward(&self.attention_output.forward_t(&ctx, train)?, train)?;
-        let x = self.attention_layer_norm.forward(&(a + x)?)?;
+        // dropout(dense(.)) + residual as one op each.
+        let a = self.attention_output.forward_t(&ctx, train)?;
+        let x = self
+            .attention_layer_norm
+            .forward(&self.dropout.forward_add(&a, x, train)?)?;
         let i = self.act.forward(&self.intermediate.forward_t(&x, train)?)?;
-        let o = self
-            .dropout
-            .forward(&self.output.forward_t(&i, train)?, train)?;
-        self.output_layer_norm.forward(&(o + x)?)
+        let o = self.output.forward_t(&i, train)?;
+        self.output_layer_norm
+            .forward(&self.dropout.forward_add(&o, &x, train)?)
     }
 }
 

@@ -144,17 +144,14 @@ impl Block {
             &self.attn_dropout,
             train,
         )?;
-        let o = self
-            .resid_dropout
-            .forward(&self.attn_c_proj.forward_t(&o, train)?, train)?;
-        let x = (x + o)?;
+        // dropout(proj(.)) + residual as one op each.
+        let o = self.attn_c_proj.forward_t(&o, train)?;
+        let x = self.resid_dropout.forward_add(&o, x, train)?;
         let m = self
             .act
             .forward(&self.c_fc.forward_t(&self.ln_2.forward(&x)?, train)?)?;
-        let m = self
-            .resid_dropout
-            .forward(&self.mlp_c_proj.forward_t(&m, train)?, train)?;
-        x + m
+        let m = self.mlp_c_proj.forward_t(&m, train)?;
+        self.resid_dropout.forward_add(&m, &x, train)
     }
 }
 
