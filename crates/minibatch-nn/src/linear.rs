@@ -12,7 +12,9 @@
 //! * the bias gradient through the broadcast node's reductions; for 3-D inputs
 //!   two more reshape nodes.
 //!
-//! Here the layer is one candle custom op over `(x, W[, b])`. With `M` the
+//! Here the layer is one candle custom op over `(x, W[, b])`, taking a
+//! `(..., K)` input and giving `(..., N)` with no reshape node on either side.
+//! With `M` the
 //! number of rows of `x` (all leading dimensions flattened), `K` its last
 //! dimension and `N` the output size:
 //!
@@ -168,31 +170,16 @@ impl Module for Linear {
             // Everything else: exactly candle_nn::Linear's ops.
             return candle_nn::Linear::new(self.weight.clone(), self.bias.clone()).forward(x);
         }
-        let dims = x.dims();
-        let k = dims[dims.len() - 1];
-        // Flatten the leading dimensions: (..., K) -> (M, K), as candle-nn
-        // does for contiguous inputs. A rank-2 input keeps its strides (the
-        // gemm reads them).
-        let x2 = match dims.len() {
-            2 => x.clone(),
-            _ => x.reshape(((), k))?,
-        };
-        let y = match &self.bias {
-            Some(b) => x2.apply_op3_arc(&self.weight, b, linear_op())?,
-            None => x2.apply_op2_arc(&self.weight, linear_no_bias_op())?,
-        };
-        if dims.len() == 2 {
-            Ok(y)
-        } else {
-            let mut out = dims.to_vec();
-            *out.last_mut().expect("rank >= 2") = self.weight.dim(0)?;
-            y.reshape(out)
+        // The op takes (..., K) as it is: a rank-2 input through its
+        // strides, a contiguous one of higher rank as (M, K) rows, and gives
+        // (..., N) (no reshape nodes around it for autograd to differentiate).
+        match &self.bias {
+            Some(b) => x.apply_op3_arc(&self.weight, b, linear_op()),
+            None => x.apply_op2_arc(&self.weight, linear_no_bias_op()),
         }
     }
 }
 
-/// The one shared op with bias (stateless: each forward pass only bumps its
-/// count, candle keeps it in the graph for the backward pass).
 fn linear_op() -> Arc<Box<dyn CustomOp3 + Send + Sync>> {
     static OP: OnceLock<Arc<Box<dyn CustomOp3 + Send + Sync>>> = OnceLock::new();
     OP.get_or_init(|| Arc::new(Box::new(LinearOp))).clone()
@@ -208,17 +195,41 @@ fn linear_no_bias_op() -> Arc<Box<dyn CustomOp2 + Send + Sync>> {
 struct LinearOp;
 
 /// A strided 2-D view of a tensor's storage.
+/// A rank-2 layout through its strides, or a contiguous one of higher rank
+/// as the `(M, K)` matrix of its rows.
 fn mat<'a, T: Float>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<Mat<'a, T>> {
-    let (rows, cols) = l.shape().dims2()?;
     let all = T::cpu_storage_as_slice(s)?;
+    let dims = l.dims();
     let st = l.stride();
+    if dims.len() == 2 {
+        return Ok(Mat {
+            data: &all[l.start_offset()..],
+            rows: dims[0],
+            cols: dims[1],
+            rs: st[0],
+            cs: st[1],
+        });
+    }
+    if dims.len() < 2 || !l.is_contiguous() {
+        candle_core::bail!("linear: expected a matrix or a contiguous tensor, got {dims:?}");
+    }
+    let cols = dims[dims.len() - 1];
     Ok(Mat {
         data: &all[l.start_offset()..],
-        rows,
+        rows: l.shape().elem_count().checked_div(cols).unwrap_or(0),
         cols,
-        rs: st[0],
-        cs: st[1],
+        rs: cols,
+        cs: 1,
     })
+}
+
+/// `dims` with the last one replaced by `n`.
+fn with_last(dims: &[usize], n: usize) -> Shape {
+    let mut out = dims.to_vec();
+    if let Some(l) = out.last_mut() {
+        *l = n;
+    }
+    Shape::from(out)
 }
 
 /// Forward kernel: `x (M, K)`, `w (N, K)`, optional bias `(N,)`.
@@ -231,7 +242,7 @@ fn forward<T: Float>(
 ) -> candle_core::Result<(CpuStorage, Shape)> {
     let x = mat::<T>(x, lx)?;
     let w = mat::<T>(w, lw)?;
-    let (m, n) = (x.rows, w.rows);
+    let n = w.rows;
     if x.cols != w.cols {
         return Err(NnError::ShapeMismatch(format!(
             "linear: input (_, {}) and weight ({n}, {}) do not fit together",
@@ -249,10 +260,11 @@ fn forward<T: Float>(
             }
         }
     }
-    Ok((T::to_cpu_storage_owned(out), Shape::from((m, n))))
+    Ok((T::to_cpu_storage_owned(out), with_last(lx.dims(), n)))
 }
 
-/// The gradients of `(x, w, b)` from `grad (M, N)`; `dx` only when `want_dx`.
+/// The gradients of `(x, w, b)` from `grad (..., N)` (as `(M, N)`); `dx`
+/// (of `x`'s shape) only when `want_dx`.
 fn backward<T: Float>(
     x: &Tensor,
     w: &Tensor,
@@ -262,7 +274,8 @@ fn backward<T: Float>(
     want_db: bool,
 ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
     let grad = grad.contiguous()?;
-    let (m, k) = x.dims2()?;
+    let k = x.dim(candle_core::D::Minus1)?;
+    let m = x.elem_count().checked_div(k).unwrap_or(0);
     let n = w.dim(0)?;
     with_cpu(&grad, |gs, lg| {
         let g = contiguous::<T>(gs, lg, "linear gradient")?;
@@ -277,7 +290,7 @@ fn backward<T: Float>(
         };
         let dx = if want_dx {
             let dx = with_cpu(w, |ws, lw| Ok(matmul_new(gm, mat::<T>(ws, lw)?)))?;
-            Some(Tensor::from_vec(dx, (m, k), &Device::Cpu)?)
+            Some(Tensor::from_vec(dx, x.shape(), &Device::Cpu)?)
         } else {
             None
         };
