@@ -185,9 +185,14 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let gate = self.act.forward(&self.gate_proj.forward_t(x, train)?)?;
+        let gate = self.gate_proj.forward_t(x, train)?;
         let up = self.up_proj.forward_t(x, train)?;
-        self.down_proj.forward_t(&(gate * up)?, train)
+        // SiLU (Llama's default): activation and product in one op.
+        let h = match self.act {
+            Activation::Silu => minibatch_nn::ops::silu_mul(&gate, &up)?,
+            act => (act.forward(&gate)? * up)?,
+        };
+        self.down_proj.forward_t(&h, train)
     }
 }
 

@@ -17,7 +17,7 @@ pub use attention::{
 pub use gelu::{gelu, gelu_erf};
 pub use pool::{avg_pool2d, avg_pool2d_with_stride, max_pool2d, max_pool2d_with_stride};
 pub use relu::relu;
-pub use silu::silu;
+pub use silu::{silu, silu_mul};
 
 mod norm;
 pub(crate) mod rows;

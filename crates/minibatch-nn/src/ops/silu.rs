@@ -12,7 +12,10 @@
 
 use std::mem::MaybeUninit;
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
+
+use crate::cpu::contiguous;
+use crate::error::NnError;
 
 use super::elementwise::{cpu_bwd, cpu_fwd, map};
 use super::simd::simd_dispatch;
@@ -95,5 +98,180 @@ impl CustomOp1 for SiluOp {
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
         cpu_bwd("silu", arg, grad, bwd::<f32>, bwd::<f64>).map(Some)
+    }
+}
+
+/// `silu(gate) * up`, the gated unit of a SwiGLU MLP (Llama's
+/// `act_fn(gate_proj(x)) * up_proj(x)`), with the values and gradients of
+/// [`silu`] followed by a multiplication, bit for bit. On the CPU it is one
+/// op: candle's autograd has no `silu(gate)` node to differentiate (a
+/// zero-filled buffer and an addition the size of `gate` in its backward
+/// pass), and the product is not a second pass over memory.
+///
+/// Errors: `gate` and `up` of different shapes, dtypes or devices.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use minibatch_nn::ops::{silu, silu_mul};
+///
+/// # fn main() -> candle_core::Result<()> {
+/// let g = Tensor::randn(0f32, 1.0, (4, 8), &Device::Cpu)?;
+/// let u = Tensor::randn(0f32, 1.0, (4, 8), &Device::Cpu)?;
+/// let fused = silu_mul(&g, &u)?.flatten_all()?.to_vec1::<f32>()?;
+/// let two = (silu(&g)? * &u)?.flatten_all()?.to_vec1::<f32>()?;
+/// assert_eq!(fused, two);
+/// # Ok(()) }
+/// ```
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    if gate.shape() != up.shape()
+        || gate.dtype() != up.dtype()
+        || !gate.device().same_device(up.device())
+    {
+        return Err(NnError::ShapeMismatch(format!(
+            "silu_mul: gate {:?} {:?} and up {:?} {:?} must have one shape and dtype on one device",
+            gate.shape(),
+            gate.dtype(),
+            up.shape(),
+            up.dtype()
+        ))
+        .into());
+    }
+    if cpu_kernel(gate) && matches!(gate.dtype(), DType::F32 | DType::F64) {
+        return gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMulOp);
+    }
+    silu(gate)? * up
+}
+
+struct SiluMulOp;
+
+#[inline(always)]
+fn mul_fwd_body<T: Float>(g: &[T], u: &[T], out: &mut [MaybeUninit<T>]) {
+    for ((o, &v), &u) in out.iter_mut().zip(g).zip(u) {
+        o.write(v / (T::ONE + (-v).exp_fast()) * u);
+    }
+}
+
+/// `d gate = (dy · up) · silu'(gate)`, as silu's backward of mul's gradient.
+#[inline(always)]
+fn mul_dgate_body<T: Float>(g: &[T], u: &[T], dy: &[T], out: &mut [MaybeUninit<T>]) {
+    for (((o, &v), &u), &d) in out.iter_mut().zip(g).zip(u).zip(dy) {
+        let s = T::ONE / (T::ONE + (-v).exp_fast());
+        o.write(d * u * s * (T::ONE + v * (T::ONE - s)));
+    }
+}
+
+/// `d up = dy · silu(gate)`.
+#[inline(always)]
+fn mul_dup_body<T: Float>(g: &[T], dy: &[T], out: &mut [MaybeUninit<T>]) {
+    for ((o, &v), &d) in out.iter_mut().zip(g).zip(dy) {
+        o.write(d * (v / (T::ONE + (-v).exp_fast())));
+    }
+}
+
+simd_dispatch!(fn mul_fwd_rows(g: &[T], u: &[T], out: &mut [MaybeUninit<T>]) => mul_fwd_body);
+simd_dispatch!(fn mul_dgate_rows(g: &[T], u: &[T], dy: &[T], out: &mut [MaybeUninit<T>]) => mul_dgate_body);
+simd_dispatch!(fn mul_dup_rows(g: &[T], dy: &[T], out: &mut [MaybeUninit<T>]) => mul_dup_body);
+
+fn silu_mul_fwd<T: Float>(g: &[T], u: &[T]) -> Vec<T> {
+    map(g.len(), g.len().saturating_mul(4), |out, at| {
+        let r = at..at + out.len();
+        mul_fwd_rows(&g[r.clone()], &u[r], out);
+    })
+}
+
+fn silu_mul_bwd<T: Float>(g: &[T], u: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
+    let work = g.len().saturating_mul(4);
+    let dg = map(g.len(), work, |out, at| {
+        let r = at..at + out.len();
+        mul_dgate_rows(&g[r.clone()], &u[r.clone()], &dy[r], out);
+    });
+    let du = map(g.len(), work, |out, at| {
+        let r = at..at + out.len();
+        mul_dup_rows(&g[r.clone()], &dy[r], out);
+    });
+    (dg, du)
+}
+
+impl CustomOp2 for SiluMulOp {
+    fn name(&self) -> &'static str {
+        "minibatch-silu-mul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let what = "silu_mul";
+        let out = match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(silu_mul_fwd::<f32>(
+                contiguous(s1, l1, what)?,
+                contiguous(s2, l2, what)?,
+            )),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(silu_mul_fwd::<f64>(
+                contiguous(s1, l1, what)?,
+                contiguous(s2, l2, what)?,
+            )),
+            _ => candle_core::bail!("{what}: the fused kernel runs on two f32 or two f64 tensors"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let what = "silu_mul";
+        let grad = grad.contiguous()?;
+        let (gs, gl) = gate.storage_and_layout();
+        let (us, ul) = up.storage_and_layout();
+        let (ds, dl) = grad.storage_and_layout();
+        let (
+            candle_core::Storage::Cpu(gs),
+            candle_core::Storage::Cpu(us),
+            candle_core::Storage::Cpu(ds),
+        ) = (&*gs, &*us, &*ds)
+        else {
+            candle_core::bail!("{what}: the fused backward got a tensor off the CPU");
+        };
+        if dl.shape() != gl.shape() {
+            candle_core::bail!(
+                "{what}: gradient of shape {:?} for {:?}",
+                dl.dims(),
+                gl.dims()
+            );
+        }
+        let (shape, dev) = (gate.shape(), gate.device());
+        let (dg, du) = match gs {
+            CpuStorage::F32(_) => {
+                let (a, b) = silu_mul_bwd::<f32>(
+                    contiguous(gs, gl, what)?,
+                    contiguous(us, ul, what)?,
+                    contiguous(ds, dl, what)?,
+                );
+                (
+                    Tensor::from_vec(a, shape, dev)?,
+                    Tensor::from_vec(b, shape, dev)?,
+                )
+            }
+            CpuStorage::F64(_) => {
+                let (a, b) = silu_mul_bwd::<f64>(
+                    contiguous(gs, gl, what)?,
+                    contiguous(us, ul, what)?,
+                    contiguous(ds, dl, what)?,
+                );
+                (
+                    Tensor::from_vec(a, shape, dev)?,
+                    Tensor::from_vec(b, shape, dev)?,
+                )
+            }
+            _ => candle_core::bail!("{what}: the fused kernel runs on f32 or f64 only"),
+        };
+        Ok((Some(dg), Some(du)))
     }
 }
