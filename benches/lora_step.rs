@@ -21,6 +21,16 @@
 //! the Python process); `MINIBATCH_BENCH_MALLOC=default` runs both with
 //! glibc's defaults.
 //!
+//! With `MINILM_DIR` set (all-MiniLM-L6-v2's folder: config.json,
+//! model.safetensors), a MiniLM LoRA step too: `BertForSequenceClassification::load_lora`
+//! over the frozen checkpoint (`frozen_var_builder`, names read under `bert.`),
+//! r 8 (alpha 16, dropout 0) on query/key/value/attention.output.dense, the
+//! 2-label classifier trained (PEFT's SEQ_CLS `modules_to_save`),
+//! cross-entropy on random labels, AdamW over the trained parameters only;
+//! batch `MINILM_BATCH` [32] x `MINILM_SEQ` [128] random tokens, no padding.
+//! Its PyTorch twin is `torch_lora_step.py --arch bert` (transformers'
+//! `BertForSequenceClassification` from the same folder + PEFT SEQ_CLS).
+//!
 //! `cargo bench --bench lora_step` (PyTorch from `MINIBATCH_TORCH_PYTHON`,
 //! default `~/.venv-torch/bin/python`; without it the PyTorch lines are
 //! left out).
@@ -206,6 +216,206 @@ fn torch(s: &Shape) -> Option<[f64; 5]> {
     Some(v)
 }
 
+struct BertSetup {
+    model: minibatch_models::bert::BertForSequenceClassification,
+    opt: AdamW,
+    x: Tensor,
+    mask: Tensor,
+    y: Tensor,
+    n_adapter: usize,
+    _adapters: VarMap,
+}
+
+fn bert_setup(dir: &str, batch: usize, seq: usize) -> BertSetup {
+    use minibatch_models::bert::{BertForSequenceClassification, Config};
+    let dev = Device::Cpu;
+    let mut cfg = Config::from_file(std::path::Path::new(dir).join("config.json")).unwrap();
+    cfg.num_labels = Some(2);
+    let base = minibatch_models::checkpoint::frozen_var_builder(dir, DType::F32, &dev)
+        .unwrap()
+        .rename_f(|n| n.strip_prefix("bert.").unwrap_or(n).to_string());
+    let lora = LoraConfig {
+        r: 8,
+        alpha: 16.0,
+        dropout: 0.0,
+        target_modules: ["query", "key", "value", "attention.output.dense"]
+            .map(String::from)
+            .to_vec(),
+    };
+    let adapters = VarMap::new();
+    let model = BertForSequenceClassification::load_lora(
+        base,
+        &cfg,
+        &lora,
+        minibatch_nn::seeded_var_builder(&adapters, 1, DType::F32, &dev),
+    )
+    .unwrap();
+    let n_adapter = adapters.all_vars().iter().map(|v| v.elem_count()).sum();
+    let opt = AdamW::from_varmap(
+        &adapters,
+        AdamWConfig {
+            adam: AdamConfig {
+                lr: 1e-4,
+                ..AdamWConfig::default().adam
+            },
+        },
+    )
+    .unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
+    let ids: Vec<u32> = (0..batch * seq)
+        .map(|_| rng.random_range(0..cfg.vocab_size as u32))
+        .collect();
+    let labels: Vec<u32> = (0..batch).map(|_| rng.random_range(0..2u32)).collect();
+    BertSetup {
+        model,
+        opt,
+        x: Tensor::from_vec(ids, (batch, seq), &dev).unwrap(),
+        mask: Tensor::ones((batch, seq), DType::U32, &dev).unwrap(),
+        y: Tensor::from_vec(labels, batch, &dev).unwrap(),
+        n_adapter,
+        _adapters: adapters,
+    }
+}
+
+impl BertSetup {
+    fn step(&mut self) {
+        let logits = self
+            .model
+            .forward_t(
+                &self.x,
+                &self.x.zeros_like().unwrap(),
+                Some(&self.mask),
+                true,
+            )
+            .unwrap();
+        let loss = minibatch_nn::loss::cross_entropy(&logits, &self.y).unwrap();
+        let grads = loss.backward().unwrap();
+        self.opt.step(&grads).unwrap();
+    }
+}
+
+fn minilm_shape() -> (usize, usize) {
+    (
+        common::env_or("MINILM_BATCH", 32),
+        common::env_or("MINILM_SEQ", 128),
+    )
+}
+
+/// In the child process (`LORA_STEP_MEMORY=bert`): the MiniLM step's
+/// `peak MiB, step MiB, CPU ms per step`.
+fn bert_memory_child(dir: &str) {
+    let (b, t) = minilm_shape();
+    let mut st = bert_setup(dir, b, t);
+    let rss0 = common::status_kib("VmRSS");
+    st.step();
+    let (c0, n) = (common::cpu_seconds(), common::env_or("LORA_STEPS", 3usize));
+    for _ in 0..n {
+        st.step();
+    }
+    let cpu_ms = 1e3 * (common::cpu_seconds() - c0) / n as f64;
+    let hwm = common::status_kib("VmHWM");
+    println!(
+        "{:.1}\t{:.1}\t{cpu_ms:.1}",
+        hwm as f64 / 1024.0,
+        (hwm - rss0) as f64 / 1024.0
+    );
+}
+
+/// PyTorch's MiniLM `[min ms, median ms, CPU ms, peak MiB, step MiB]`.
+fn torch_bert(dir: &str, batch: usize, seq: usize, steps: usize) -> Option<[f64; 5]> {
+    let python = common::torch_python()?;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/torch_lora_step.py");
+    let out = Command::new(&python)
+        .arg(script)
+        .args(["--arch", "bert", "--model-dir", dir])
+        .args(["--batch", &batch.to_string()])
+        .args(["--seq", &seq.to_string()])
+        .args(["--steps", &steps.to_string()])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        eprintln!(
+            "torch_lora_step.py --arch bert failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().last()?;
+    let mut v = [0.0; 5];
+    let mut f = line.split('\t').skip(1);
+    for x in v.iter_mut() {
+        *x = f.next()?.parse().ok()?;
+    }
+    Some(v)
+}
+
+/// The MiniLM LoRA step beside PyTorch's, the same columns as the Llama's.
+fn bench_minilm(dir: &str) {
+    let (b, t) = minilm_shape();
+    let steps = common::env_or("LORA_STEPS", 10usize);
+    let before = torch_bert(dir, b, t, steps);
+    let mut st = bert_setup(dir, b, t);
+    st.step();
+    let mut times = Vec::new();
+    let c0 = common::cpu_seconds();
+    for _ in 0..steps {
+        let t0 = Instant::now();
+        st.step();
+        times.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    let cpu = 1e3 * (common::cpu_seconds() - c0) / steps as f64;
+    let n_adapter = st.n_adapter;
+    drop(st);
+    let after = torch_bert(dir, b, t, steps);
+    let torch = match (before, after) {
+        (Some(a), Some(b)) => Some([
+            a[0].min(b[0]),
+            a[1].min(b[1]),
+            a[2].min(b[2]),
+            a[3].max(b[3]),
+            a[4].max(b[4]),
+        ]),
+        (a, b) => a.or(b),
+    };
+    let min = times.iter().copied().fold(f64::INFINITY, f64::min);
+    let med = median(&mut times);
+    let mem = common::fresh_process("LORA_STEP_MEMORY", "bert").and_then(|o| {
+        let t = String::from_utf8_lossy(&o.stdout).to_string();
+        let v: Vec<f64> = t
+            .trim()
+            .split('\t')
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        (v.len() == 3).then(|| [v[0], v[1], v[2]])
+    });
+    let [peak, step_mib, _] = mem.unwrap_or([f64::NAN; 3]);
+    println!(
+        "LoRA step: MiniLM ({dir}, frozen), r 8 on query/key/value/attention.output.dense + classifier ({n_adapter} trained), batch {b} x {t} tokens; ms per step over {steps} steps:"
+    );
+    println!(
+        "  {:<14} {:>9} {:>9} {:>9} {:>10} {:>10}",
+        "variant", "min", "median", "CPU ms", "peak MiB", "step MiB"
+    );
+    println!(
+        "  {:<14} {min:>9.1} {med:>9.1} {cpu:>9.1} {peak:>10.1} {step_mib:>10.1}",
+        "minibatch"
+    );
+    if let Some(t) = torch {
+        println!(
+            "  {:<14} {:>9.1} {:>9.1} {:>9.1} {:>10.1} {:>10.1}",
+            "torch_peft", t[0], t[1], t[2], t[3], t[4]
+        );
+        println!(
+            "  torch_peft / minibatch: {:.2}x on min, {:.2}x on median, {:.2}x on CPU time (> 1: minibatch faster); step memory {:.2}x",
+            t[0] / min,
+            t[1] / med,
+            t[2] / cpu,
+            t[4] / step_mib
+        );
+    }
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -213,6 +423,13 @@ fn median(v: &mut [f64]) -> f64 {
 
 fn main() {
     let malloc = common::malloc_setting();
+    let minilm = std::env::var("MINILM_DIR").ok();
+    if std::env::var("LORA_STEP_MEMORY").as_deref() == Ok("bert") {
+        if let Some(dir) = &minilm {
+            bert_memory_child(dir);
+        }
+        return;
+    }
     if std::env::var_os("LORA_STEP_MEMORY").is_some() {
         memory_child();
         return;
@@ -287,5 +504,8 @@ fn main() {
             t[2] / cpu,
             t[4] / step_mib
         );
+    }
+    if let Some(dir) = &minilm {
+        bench_minilm(dir);
     }
 }

@@ -8,8 +8,16 @@ Prints one line, `torch_peft<TAB>min ms<TAB>median ms<TAB>CPU ms<TAB>peak MiB<TA
 CPU ms is the process CPU time per step (all threads), peak is VmHWM after
 the steps, step is VmHWM minus VmRSS just before the first step.
 
+With `--arch bert --model-dir DIR`: transformers' BertForSequenceClassification
+(2 labels) from DIR (all-MiniLM-L6-v2) with PEFT task_type="SEQ_CLS" (r 8,
+alpha 16, dropout 0 on query/key/value/attention.output.dense; the
+classifier trained as modules_to_save), random tokens without padding
+(attention mask all ones), random labels, cross-entropy, AdamW (lr 1e-4)
+over the trained parameters only, eager attention.
+
 usage: ~/.venv-torch/bin/python benches/torch_lora_step.py [--batch B] [--seq T]
        [--hidden C] [--layers L] [--vocab V] [--r R] [--steps N]
+       [--arch bert --model-dir DIR]
 """
 import argparse
 import statistics
@@ -35,8 +43,12 @@ def main():
     ap.add_argument("--inter", type=int, default=688)
     ap.add_argument("--r", type=int, default=8)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--arch", default="llama")
+    ap.add_argument("--model-dir")
     a = ap.parse_args()
     torch.manual_seed(0)
+    if a.arch == "bert":
+        return bert(a)
     cfg = LlamaConfig(
         vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.inter, num_hidden_layers=a.layers,
         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=max(a.seq, 128),
@@ -59,6 +71,35 @@ def main():
         opt.zero_grad(set_to_none=True)
 
     times, cpu_ms, rss0, hwm = timed_steps(step, 3, a.steps)
+    print(
+        f"torch_peft\t{1e3 * min(times):.3f}\t{1e3 * statistics.median(times):.3f}\t{cpu_ms:.1f}"
+        f"\t{hwm / 1024:.1f}\t{(hwm - rss0) / 1024:.1f}"
+    )
+
+
+def bert(a):
+    from transformers import BertForSequenceClassification
+
+    base = BertForSequenceClassification.from_pretrained(a.model_dir, num_labels=2, attn_implementation="eager")
+    model = get_peft_model(
+        base,
+        LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.0,
+                   target_modules=["query", "key", "value", "attention.output.dense"]),
+    )
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    x = torch.randint(0, base.config.vocab_size, (a.batch, a.seq))
+    mask = torch.ones_like(x)
+    y = torch.randint(0, 2, (a.batch,))
+
+    def step():
+        logits = model(input_ids=x, attention_mask=mask).logits
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    times, cpu_ms, rss0, hwm = timed_steps(step, 1, a.steps)
     print(
         f"torch_peft\t{1e3 * min(times):.3f}\t{1e3 * statistics.median(times):.3f}\t{cpu_ms:.1f}"
         f"\t{hwm / 1024:.1f}\t{(hwm - rss0) / 1024:.1f}"

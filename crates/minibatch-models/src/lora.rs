@@ -26,6 +26,10 @@
 //!   [`minibatch_nn::seeded_var_builder`] over a `VarMap`, the map holds the
 //!   adapters and nothing else: the optimizer, the checkpoints and the
 //!   memory are the base model plus the adapters.
+//!   `bert::BertForSequenceClassification::load_lora` is PEFT's
+//!   `task_type="SEQ_CLS"`: the `classifier` is trained in full as PEFT's
+//!   `modules_to_save`, a Var `base_model.model.classifier.{weight,bias}`
+//!   beside the adapters, saved, loaded and merged with them.
 //! * [`save_adapter`] writes `adapter_config.json` and
 //!   `adapter_model.safetensors` as PEFT's `save_pretrained` does, so that
 //!   `peft.PeftModel.from_pretrained(base, dir)` loads them;
@@ -412,7 +416,15 @@ pub struct AdapterMeta {
     /// PEFT's `fan_in_fan_out`: `true` for GPT-2's `Conv1D` (weight `(in,
     /// out)`), which PEFT forces when it adapts one.
     pub fan_in_fan_out: bool,
+    /// PEFT's `modules_to_save`: the names of the modules trained in full
+    /// beside the adapters (`["classifier", "score"]`, what PEFT writes for
+    /// `task_type="SEQ_CLS"`); `None` writes `null`. Their weights are
+    /// saved as `base_model.model.<module>.{weight,bias}`.
+    pub modules_to_save: Option<Vec<String>>,
 }
+
+/// What PEFT's `SEQ_CLS` task type adds to `modules_to_save`.
+pub const SEQ_CLS_MODULES_TO_SAVE: [&str; 2] = ["classifier", "score"];
 
 impl AdapterMeta {
     /// The values PEFT writes for adapters with these keys: `CAUSAL_LM` for
@@ -420,9 +432,14 @@ impl AdapterMeta {
     /// (`base_model.model.transformer.h.*`, `fan_in_fan_out` when a
     /// `Conv1D` (`c_attn`, `c_proj`, `c_fc`) is adapted),
     /// `FEATURE_EXTRACTION` for a `BertModel`
-    /// (`base_model.model.encoder.layer.*`), otherwise no task type.
+    /// (`base_model.model.encoder.layer.*`), `SEQ_CLS` with
+    /// `modules_to_save = ["classifier", "score"]` when a classifier is
+    /// saved in full (`base_model.model.classifier.weight`, a
+    /// `BertForSequenceClassification`), otherwise no task type.
     pub fn infer<'k>(keys: impl IntoIterator<Item = &'k str>) -> Self {
         let mut meta = AdapterMeta::default();
+        let keys: Vec<&str> = keys.into_iter().collect();
+        let keys_seen: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
         for k in keys {
             let Some(m) = k.strip_prefix(KEY_PREFIX) else {
                 continue;
@@ -440,6 +457,19 @@ impl AdapterMeta {
                 }
             } else if m.starts_with("encoder.layer.") {
                 meta.task_type = Some("FEATURE_EXTRACTION".into());
+            }
+        }
+        for k in keys_seen {
+            if let Some(m) = saved_module(&k) {
+                if SEQ_CLS_MODULES_TO_SAVE.contains(&m) {
+                    meta.task_type = Some("SEQ_CLS".into());
+                    meta.modules_to_save = Some(
+                        SEQ_CLS_MODULES_TO_SAVE
+                            .iter()
+                            .map(|s| s.to_string())
+                            .collect(),
+                    );
+                }
             }
         }
         meta
@@ -463,9 +493,40 @@ fn is_lora_key(k: &str) -> bool {
     k.ends_with(".lora_A.weight") || k.ends_with(".lora_B.weight")
 }
 
+/// The module of a key saved in full (`base_model.model.classifier.weight`
+/// -> `classifier`): under [`KEY_PREFIX`], not a LoRA key, ending in
+/// `.weight` or `.bias`.
+fn saved_module(k: &str) -> Option<&str> {
+    if is_lora_key(k) {
+        return None;
+    }
+    let m = k.strip_prefix(KEY_PREFIX)?;
+    m.strip_suffix(".weight")
+        .or_else(|| m.strip_suffix(".bias"))
+}
+
+/// Whether `module` is one of `modules_to_save` (PEFT's match: equal, or
+/// ending with `.<name>`).
+fn is_module_to_save(module: &str, modules_to_save: &[String]) -> bool {
+    modules_to_save.iter().any(|t| {
+        module == t
+            || (module.len() > t.len()
+                && module.ends_with(t.as_str())
+                && module.as_bytes()[module.len() - t.len() - 1] == b'.')
+    })
+}
+
+/// The keys of a `VarMap` that belong to an adapter: the LoRA weights and
+/// the modules saved in full (`base_model.model.classifier.{weight,bias}`).
+fn is_adapter_key(k: &str) -> bool {
+    is_lora_key(k) || saved_module(k).is_some_and(|m| SEQ_CLS_MODULES_TO_SAVE.contains(&m))
+}
+
 impl Adapter {
     /// The adapter Vars of `varmap` (the keys ending in `.lora_A.weight` /
-    /// `.lora_B.weight`; anything else in the map is left out) with `config`
+    /// `.lora_B.weight`, and the classifier PEFT's `SEQ_CLS` trains in full,
+    /// `base_model.model.{classifier,score}.{weight,bias}`; anything else in
+    /// the map is left out) with `config`
     /// and [`AdapterMeta::infer`]. An error when the map holds none, or
     /// when their ranks are not `config.r`.
     pub fn from_varmap(varmap: &VarMap, config: &LoraConfig) -> Result<Self> {
@@ -476,7 +537,7 @@ impl Adapter {
             .map_err(|_| ModelsError::Lora("the VarMap's lock is poisoned".into()))?;
         let tensors: HashMap<String, Tensor> = vars
             .iter()
-            .filter(|(k, _)| is_lora_key(k))
+            .filter(|(k, _)| is_adapter_key(k))
             .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
             .collect();
         drop(vars);
@@ -507,18 +568,34 @@ impl Adapter {
         m
     }
 
+    /// The tensors of the modules saved in full (`modules_to_save`) by
+    /// their key in the base model (`classifier.weight`), sorted.
+    pub fn saved_modules(&self) -> Vec<(String, &Tensor)> {
+        let mut v: Vec<(String, &Tensor)> = self
+            .tensors
+            .iter()
+            .filter(|(k, _)| saved_module(k).is_some())
+            .map(|(k, t)| (k[KEY_PREFIX.len()..].to_string(), t))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
     /// Every `lora_A` has its `lora_B`, both of rank `config.r`, and only
-    /// LoRA keys.
+    /// LoRA keys or those of `modules_to_save`.
     fn check(&self) -> Result<()> {
         let r = self.config.r;
         let mut keys: Vec<&String> = self.tensors.keys().collect();
         keys.sort();
-        if let Some(k) = keys.iter().find(|k| !is_lora_key(k)) {
+        let to_save = self.meta.modules_to_save.as_deref().unwrap_or(&[]);
+        if let Some(k) = keys.iter().find(|k| {
+            !is_lora_key(k) && !saved_module(k).is_some_and(|m| is_module_to_save(m, to_save))
+        }) {
             return Err(ModelsError::Lora(format!(
-                "{k} is not a LoRA weight (only .lora_A.weight / .lora_B.weight are supported: no modules_to_save, LoRA biases or embeddings)"
+                "{k} is not a LoRA weight nor one of modules_to_save {to_save:?} (only .lora_A.weight / .lora_B.weight and the modules_to_save weights and biases are supported: no LoRA biases or embeddings)"
             )));
         }
-        for k in keys {
+        for k in keys.into_iter().filter(|k| is_lora_key(k)) {
             let t = &self.tensors[k];
             let (other, rank_dim) = match k.strip_suffix(".lora_A.weight") {
                 Some(m) => (format!("{m}.lora_B.weight"), 0),
@@ -550,7 +627,7 @@ impl Adapter {
             .data()
             .lock()
             .map_err(|_| ModelsError::Lora("the VarMap's lock is poisoned".into()))?;
-        let mut mine: Vec<&String> = vars.keys().filter(|k| is_lora_key(k)).collect();
+        let mut mine: Vec<&String> = vars.keys().filter(|k| is_adapter_key(k)).collect();
         mine.sort();
         let missing: Vec<&str> = mine
             .iter()
@@ -586,7 +663,7 @@ impl Adapter {
             let (v, t) = (&vars[*k], &self.tensors[*k]);
             if v.dims() != t.dims() {
                 return Err(ModelsError::Lora(format!(
-                    "{k} is {:?} in the adapter but {:?} in the model: an adapter of another rank (r = {} in the adapter)",
+                    "{k} is {:?} in the adapter but {:?} in the model: an adapter of another rank (r = {} in the adapter) or another model",
                     t.dims(),
                     v.dims(),
                     self.config.r
@@ -655,7 +732,7 @@ pub fn adapter_config_json(cfg: &LoraConfig, meta: &AdapterMeta) -> Result<Strin
         ("lora_ga_config", Value::Null),
         ("megatron_config", Value::Null),
         ("megatron_core", json!("megatron.core")),
-        ("modules_to_save", Value::Null),
+        ("modules_to_save", json!(meta.modules_to_save)),
         ("monteclora_config", Value::Null),
         ("peft_type", json!("LORA")),
         ("peft_version", json!(PEFT_FORMAT_VERSION)),
@@ -833,6 +910,19 @@ pub fn load_adapter(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Res
             .get("fan_in_fan_out")
             .and_then(Value::as_bool)
             .unwrap_or(false),
+        modules_to_save: match json.get("modules_to_save") {
+            None | Some(Value::Null) => None,
+            Some(Value::Array(a)) => Some(
+                a.iter()
+                    .map(|t| {
+                        t.as_str()
+                            .map(str::to_string)
+                            .ok_or_else(|| bad(format!("modules_to_save holds {t}, not a name")))
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+            ),
+            Some(other) => return Err(bad(format!("modules_to_save is {other}, not a list"))),
+        },
     };
     let wpath = dir.join(WEIGHTS_FILE);
     let raw = candle_core::safetensors::load(&wpath, device)
@@ -879,7 +969,10 @@ pub fn load_adapter_into(varmap: &VarMap, dir: impl AsRef<Path>) -> Result<LoraC
 /// `W + (alpha/r)·B A` (`W + (alpha/r)·(B A)ᵀ` when
 /// `adapter.meta.fan_in_fan_out`, GPT-2's `Conv1D`), computed in `f32`
 /// (or `f64` for an `f64` weight) and stored in the weight's dtype. The
-/// other tensors are passed through. The base checkpoint must have
+/// other tensors are passed through. The modules saved in full
+/// (`modules_to_save`, e.g. the `classifier` of a `SEQ_CLS` adapter) are
+/// written under their base names (`classifier.weight`), in the base
+/// tensor's dtype when the base has one (which must be of the same shape). The base checkpoint must have
 /// `<module>.weight` for every adapted module, of the shape the adapter
 /// implies; otherwise an error names it.
 pub fn merge(base: &HashMap<String, Tensor>, adapter: &Adapter) -> Result<HashMap<String, Tensor>> {
@@ -920,6 +1013,20 @@ pub fn merge(base: &HashMap<String, Tensor>, adapter: &Adapter) -> Result<HashMa
         }
         let merged = (w.to_dtype(work)? + delta)?.to_dtype(w.dtype())?;
         out.insert(wkey, merged);
+    }
+    for (key, t) in adapter.saved_modules() {
+        let t = match base.get(&key) {
+            Some(w) if w.dims() != t.dims() => {
+                return Err(ModelsError::Lora(format!(
+                    "{key} is {:?} in the base checkpoint but {:?} in the adapter's modules_to_save: an adapter for another model",
+                    w.dims(),
+                    t.dims()
+                )))
+            }
+            Some(w) => t.to_dtype(w.dtype())?.to_device(w.device())?,
+            None => t.clone(),
+        };
+        out.insert(key, t);
     }
     Ok(out)
 }

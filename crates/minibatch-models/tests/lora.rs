@@ -178,9 +178,17 @@ fn check_saved(varmap: &VarMap, cfg: &LoraConfig, peft_dir: &Path) {
         .collect();
     files.sort();
     assert_eq!(files, ["adapter_config.json", "adapter_model.safetensors"]);
+    // PEFT writes target_modules from a Python set: its order is the
+    // process's string hash order, so compare it as a set.
+    let sorted_targets = |mut j: serde_json::Value| {
+        if let Some(serde_json::Value::Array(a)) = j.get_mut("target_modules") {
+            a.sort_by_key(|v| v.to_string());
+        }
+        j
+    };
     assert_eq!(
-        json(&out.join("adapter_config.json")),
-        json(&peft_dir.join("adapter_config.json")),
+        sorted_targets(json(&out.join("adapter_config.json"))),
+        sorted_targets(json(&peft_dir.join("adapter_config.json"))),
         "adapter_config.json differs from PEFT's"
     );
     let ours = candle_core::safetensors::load(out.join("adapter_model.safetensors"), &DEV).unwrap();
@@ -197,7 +205,9 @@ fn check_saved(varmap: &VarMap, cfg: &LoraConfig, peft_dir: &Path) {
     assert_eq!(shapes(&ours), shapes(&peft));
     // Round trip: the same config and the same bits.
     let back = lora::load_adapter(&out, DType::F32, &DEV).unwrap();
-    assert_eq!(&back.config, cfg);
+    let mut want = cfg.clone();
+    want.target_modules.sort();
+    assert_eq!(back.config, want);
     let vars = varmap.data().lock().unwrap();
     for (k, t) in &back.tensors {
         assert_close(t, vars[k].as_tensor(), Tol::bits(), k);
@@ -327,6 +337,145 @@ fn bert_matches_peft() {
         let m = bert::BertModel::load_lora(base, &cfg, lora, adapters).unwrap();
         Box::new(move |ids| m.forward(ids, &ids.zeros_like().unwrap(), None).unwrap())
     });
+}
+
+fn bert_cls_model(varmap: &VarMap, cfg: &LoraConfig) -> bert::BertForSequenceClassification {
+    let bdir = fixture("lora_bert_cls/base");
+    let bcfg = bert::Config::from_file(bdir.join("config.json")).unwrap();
+    bert::BertForSequenceClassification::load_lora(
+        frozen_var_builder(&bdir, DType::F32, &DEV).unwrap(),
+        &bcfg,
+        cfg,
+        seeded_var_builder(varmap, 0, DType::F32, &DEV),
+    )
+    .unwrap()
+}
+
+/// PEFT's `task_type="SEQ_CLS"`: LoRA on query/value of a
+/// `BertForSequenceClassification` with the classifier trained in full
+/// (`modules_to_save`): PEFT's files load, three plain-SGD steps with a
+/// padding mask give PEFT's losses and weights, the saved adapter is
+/// PEFT's (keys, shapes, every config field) and merges.
+#[test]
+fn bert_seq_cls_matches_peft_sgd_steps_save_and_merge() {
+    let d = data("lora_bert_cls.safetensors");
+    let adir = fixture("lora_bert_cls/adapter");
+    let bdir = fixture("lora_bert_cls/base");
+    let adapter = lora::load_adapter(&adir, DType::F32, &DEV).unwrap();
+    assert_eq!(adapter.meta.task_type.as_deref(), Some("SEQ_CLS"));
+    assert_eq!(
+        adapter.meta.modules_to_save,
+        Some(vec!["classifier".to_string(), "score".to_string()])
+    );
+    let base = base_tensors(&bdir);
+
+    // A fresh adapter: the classifier is a copy of the base's, B is zero.
+    let fresh = VarMap::new();
+    let _ = bert_cls_model(&fresh, &adapter.config);
+    {
+        let vars = fresh.data().lock().unwrap();
+        // 2 layers x (query, value) x (A, B) + classifier weight and bias.
+        assert_eq!(vars.len(), 10, "{:?}", vars.keys().collect::<Vec<_>>());
+        for k in ["weight", "bias"] {
+            assert_close(
+                vars[&format!("base_model.model.classifier.{k}")].as_tensor(),
+                &base[&format!("classifier.{k}")],
+                Tol::bits(),
+                &format!("fresh classifier.{k}"),
+            );
+        }
+    }
+
+    let varmap = VarMap::new();
+    let model = bert_cls_model(&varmap, &adapter.config);
+    assert!(model.bert.layers[0].query.lora().is_some());
+    assert!(model.bert.layers[0].key.lora().is_none());
+    assert!(model.pooler.lora().is_none());
+    adapter.fill(&varmap).unwrap();
+    let lr = 0.5;
+    for s in 0..3 {
+        let ids = &d[&format!("input_ids.{s}")];
+        let mask = &d[&format!("attention_mask.{s}")];
+        let labels = d[&format!("labels.{s}")].to_dtype(DType::U32).unwrap();
+        let logits = model
+            .forward_t(ids, &ids.zeros_like().unwrap(), Some(mask), true)
+            .unwrap();
+        let loss = minibatch_nn::loss::cross_entropy(&logits, &labels).unwrap();
+        assert_close(
+            &loss.reshape(1).unwrap(),
+            &d[&format!("loss.{s}")],
+            Tol::new(1e-4, 1e-4),
+            &format!("loss {s}"),
+        );
+        let grads = loss.backward().unwrap();
+        let vars = varmap.data().lock().unwrap();
+        for (name, var) in vars.iter() {
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{name} got no gradient"));
+            var.set(&(var.as_tensor() - (g * lr).unwrap()).unwrap())
+                .unwrap();
+        }
+        let mut n = 0;
+        for (name, var) in vars.iter() {
+            assert_close(
+                var.as_tensor(),
+                &d[&format!("after.{s}.{name}")],
+                Tol::rel_to_max(1e-4),
+                &format!("{name} after step {s}"),
+            );
+            n += 1;
+        }
+        let want = d
+            .keys()
+            .filter(|k| k.starts_with(&format!("after.{s}.")))
+            .count();
+        assert_eq!(n, want, "PEFT saves {want} tensors after step {s}");
+    }
+
+    // Saved: PEFT's keys, shapes and config (modules_to_save, task_type).
+    check_saved(&varmap, &adapter.config, &adir);
+    let trained = Adapter::from_varmap(&varmap, &adapter.config).unwrap();
+    assert_eq!(trained.meta, adapter.meta);
+
+    // Merged: the classifier written in, the merged plain model computes
+    // the adapted one.
+    let merged = lora::merge(&base, &trained).unwrap();
+    assert_close(
+        &merged["classifier.weight"],
+        &trained.tensors["base_model.model.classifier.weight"],
+        Tol::bits(),
+        "merged classifier",
+    );
+    let bcfg = bert::Config::from_file(bdir.join("config.json")).unwrap();
+    let plain = bert::BertForSequenceClassification::load(
+        VarBuilder::from_tensors(merged, DType::F32, &DEV),
+        &bcfg,
+    )
+    .unwrap();
+    let (ids, mask) = (&d["input_ids.1"], &d["attention_mask.1"]);
+    let tt = ids.zeros_like().unwrap();
+    assert_close(
+        &plain.forward(ids, &tt, Some(mask)).unwrap(),
+        &model.forward(ids, &tt, Some(mask)).unwrap(),
+        Tol::rel_to_max(1e-5),
+        "merged model",
+    );
+
+    // Another model's adapter (no classifier; BertModel keys) does not fit.
+    let other = lora::load_adapter(fixture("lora_bert/adapter"), DType::F32, &DEV).unwrap();
+    let e = err(other.fill(&varmap));
+    assert!(e.contains("does not fit"), "{e}");
+    // A classifier of another shape in the adapter is an error naming it.
+    let mut bad = trained.clone();
+    bad.tensors.insert(
+        "base_model.model.classifier.weight".into(),
+        Tensor::zeros((2, 16), DType::F32, &DEV).unwrap(),
+    );
+    let e = err(bad.fill(&varmap));
+    assert!(e.contains("classifier.weight"), "{e}");
+    let e = err(lora::merge(&base, &bad));
+    assert!(e.contains("classifier.weight"), "{e}");
 }
 
 /// The difference of the adapted and the base model at init (B = 0).

@@ -26,7 +26,7 @@ use minibatch_nn::{Dropout, Embedding, LayerNorm};
 use crate::activation::Activation;
 use crate::error::ModelsError;
 use crate::inputs::{check_ids, check_positions, key_padding_mask, padding_idx};
-use crate::lora::{build_with, Adapt, LoraConfig};
+use crate::lora::{build_with, Adapt, LoraConfig, KEY_PREFIX};
 use crate::projection::{normal, Projection, ONES, ZEROS};
 use minibatch_nn::ops::multi_head_attention as attention;
 
@@ -351,6 +351,65 @@ impl BertForSequenceClassification {
             bert,
             pooler: Projection::linear(e, e, true, std, vb.pp("bert.pooler.dense"))?,
             classifier: Projection::linear(e, cfg.labels(), true, std, vb.pp("classifier"))?,
+            dropout: Dropout::new(cfg.classifier_dropout.unwrap_or(cfg.hidden_dropout_prob)),
+        })
+    }
+
+    /// The model with LoRA adapters as PEFT's `task_type="SEQ_CLS"` makes
+    /// it ([`crate::lora`]): the frozen base from `base` (a
+    /// `BertForSequenceClassification` checkpoint, `bert.`-prefixed; the
+    /// pooler is read from it and stays frozen), the adapters of the
+    /// encoder modules `lora` targets created in (or read from) `adapters`
+    /// under the keys PEFT saves,
+    /// `base_model.model.bert.encoder.layer.N.attention.self.query.lora_A.weight`,
+    /// and the `classifier` trained in full as PEFT's `modules_to_save`:
+    /// `base_model.model.classifier.{weight,bias}` in `adapters`. A new
+    /// classifier starts from the base checkpoint's `classifier` when it
+    /// has one (of the right shape), otherwise from transformers' init
+    /// (`N(0, initializer_range)` weight, zero bias; seeded with
+    /// [`minibatch_nn::seeded_var_builder`]), as [`load`](Self::load).
+    ///
+    /// Errors: a bad `lora` ([`LoraConfig::validate`]), a target module
+    /// that matches no module, a base classifier of another shape, and
+    /// whatever [`load`](Self::load) reports.
+    pub fn load_lora(
+        base: VarBuilder,
+        cfg: &Config,
+        lora: &LoraConfig,
+        adapters: VarBuilder,
+    ) -> crate::Result<Self> {
+        let (e, std) = (cfg.hidden_size, cfg.initializer_range);
+        let bert = build_with(lora, adapters.clone(), |ad| {
+            BertModel::build(base.pp("bert"), cfg, &ad.pp("bert"))
+        })?;
+        let pooler = Projection::linear(e, e, true, std, base.pp("bert.pooler.dense"))?;
+        let head = adapters.pp(format!("{KEY_PREFIX}classifier"));
+        let labels = cfg.labels();
+        let fresh = !head.contains_tensor("weight");
+        let classifier = Projection::linear(e, labels, true, std, head)?;
+        if fresh && base.contains_tensor("classifier.weight") {
+            // PEFT's ModulesToSaveWrapper starts from a copy of the module.
+            let from = base.pp("classifier");
+            let pairs = [
+                (classifier.weight(), from.get((labels, e), "weight")),
+                (
+                    classifier.bias().unwrap_or(classifier.weight()),
+                    from.get(labels, "bias"),
+                ),
+            ];
+            for (t, src) in pairs {
+                let src = src.map_err(|err| {
+                    ModelsError::Lora(format!(
+                        "the base checkpoint's classifier does not fit {labels} labels of hidden size {e}: {err}"
+                    ))
+                })?;
+                t.slice_set(&src.to_dtype(t.dtype())?.to_device(t.device())?, 0, 0)?;
+            }
+        }
+        Ok(Self {
+            bert,
+            pooler,
+            classifier,
             dropout: Dropout::new(cfg.classifier_dropout.unwrap_or(cfg.hidden_dropout_prob)),
         })
     }
