@@ -1,7 +1,7 @@
 //! Data-parallel training on this machine against PyTorch DDP (gloo), in
 //! the same run: 2 ranks × 1 thread each, and 1 process × 1 thread for the
 //! scaling efficiency (the 2-rank throughput divided by twice the 1-rank
-//! throughput), on three workloads:
+//! throughput), on four workloads:
 //!
 //! * `mlp`: one MNIST epoch of the 784-512-512-10 MLP, SGD lr 0.05 momentum
 //!   0.9, batch 64 per rank (469 steps a rank at 2 ranks, 938 in one
@@ -15,9 +15,25 @@
 //!   hand-written loop with `GradBuckets` (what the Trainer runs);
 //!   PyTorch: `benches/torch_ddp_gpt.py WORLD STEPS` (the model of
 //!   `torch_gpt_step.py` in DDP, the same number of steps).
+//! * `llama`: the ~20M Llama of `benches/models_step.rs`
+//!   (`minibatch::models::llama`, hidden 512, 8 layers, 8 heads, 4 KV heads,
+//!   intermediate 1024, vocab 8192, tied embeddings, random init), batch
+//!   `DDP_BENCH_LLAMA_BATCH` (default 8) sequences of 256 tokens per rank,
+//!   next-token cross-entropy over every position, AdamW lr 1e-4, betas
+//!   0.9/0.999, weight decay 0.01 (the models bench's recipe, no clipping);
+//!   2 warm-up steps, then `DDP_BENCH_LLAMA_STEPS` (default 10) timed ones.
+//!   Every rank builds the model from seed 0 and takes rank 0's weights
+//!   (`broadcast_vars`), and draws its own fixed batch of random tokens
+//!   (seed 1 + rank), a hand-written loop with `GradBuckets` as for gpt.
+//!   PyTorch: `benches/torch_ddp_llama.py WORLD STEPS BATCH 256 2`
+//!   (transformers' `LlamaForCausalLM` with the same config and eager
+//!   attention, the same recipe, in DDP). At 1 thread a step takes a few
+//!   seconds, so each of its commands takes about a minute at the default
+//!   10 steps and a round of 4 commands several: it is not in the default
+//!   set, run it with `DDP_BENCH_WORKLOADS=llama`.
 //!
 //! Full epochs for mlp and cnn (the twin runs full epochs), a fixed number
-//! of steps for gpt (both sides). Throughput is from the training time
+//! of steps for gpt and llama (both sides). Throughput is from the training time
 //! alone (after loading, between barriers, the slowest rank). Ours also
 //! reports the all-reduce time per step (inside the collectives, and
 //! packing the buckets). For both, the whole command's wall time and CPU
@@ -27,7 +43,14 @@
 //! Rounds (`DDP_BENCH_ROUNDS`, default 2) run every workload, ours and
 //! PyTorch's in turn, at 2 ranks and at 1 (the order alternating from round
 //! to round), so load from other processes hits both alike; the best of the
-//! rounds counts. `DDP_BENCH_WORKLOADS` (default `gpt,mlp,cnn`) picks them.
+//! rounds counts. `DDP_BENCH_WORKLOADS` (default `gpt,mlp,cnn`; `llama`, or
+//! `gpt,mlp,cnn,llama` for all four) picks them.
+//!
+//! Both sides run with freed memory kept for reuse: the driver sets
+//! `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_` (what
+//! `minibatch_nn::malloc::keep_freed_memory` sets) in the environment of
+//! every rank and twin, as the other benches do;
+//! `MINIBATCH_BENCH_MALLOC=default` runs both with glibc's defaults.
 //!
 //! Ours runs as `mpirun -np N --bind-to none` on this very bench binary
 //! (the rank program, selected by `DDP_BENCH_RANK`); it needs the `mpi`
@@ -35,7 +58,10 @@
 //! (default `~/.venv-torch/bin/python`); without one the PyTorch column is
 //! left out.
 //!
-//! `cargo bench --features mpi --bench ddp`
+//! ```sh
+//! cargo bench --features mpi --bench ddp                               # gpt, mlp, cnn
+//! DDP_BENCH_WORKLOADS=llama cargo bench --features mpi --bench ddp     # the ~20M Llama step
+//! ```
 
 mod common;
 #[path = "../examples/gpt/model.rs"]
@@ -46,10 +72,12 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Module, ModuleT, Tensor};
 use candle_nn::{Conv2dConfig, VarMap};
 use minibatch::data::{mnist, DataLoader};
 use minibatch::dist::{broadcast_vars, threads, GradBuckets, Mpi, ProcessGroup, ProcessGroupExt};
+use minibatch::models::llama;
+use minibatch::nn::loss::cross_entropy;
 use minibatch::nn::ops::{max_pool2d, relu};
 use minibatch::nn::{conv2d, linear, seeded_var_builder, Conv2d, Linear};
 use minibatch::optim::{
@@ -61,6 +89,15 @@ use rand::{Rng, SeedableRng};
 /// In a rank process: the workload to run.
 const RANK_VAR: &str = "DDP_BENCH_RANK";
 const BATCH: usize = 64;
+/// The llama workload: timed steps, batch per rank (sequences of
+/// [`LLAMA_SEQ`] tokens), warm-up steps, vocabulary.
+const LLAMA_STEPS_VAR: &str = "DDP_BENCH_LLAMA_STEPS";
+const LLAMA_STEPS: usize = 10;
+const LLAMA_BATCH_VAR: &str = "DDP_BENCH_LLAMA_BATCH";
+const LLAMA_BATCH: usize = 8;
+const LLAMA_SEQ: usize = 256;
+const LLAMA_WARMUP: usize = 2;
+const LLAMA_VOCAB: usize = 8192;
 
 struct Mlp(Linear, Linear, Linear);
 
@@ -158,7 +195,7 @@ fn gpt_rank(group: Arc<dyn ProcessGroup>) -> anyhow::Result<Measured> {
     use model::{defaults, masked_loss, GptConfig, Layers};
     let steps: usize = common::env_or("DDP_BENCH_GPT_STEPS", 100);
     let dev = Device::Cpu;
-    let (rank, world) = (group.rank(), group.world_size());
+    let rank = group.rank();
     let t = defaults::seq_len(defaults::DIGITS);
     let cfg = GptConfig {
         vocab: defaults::VOCAB,
@@ -196,7 +233,7 @@ fn gpt_rank(group: Arc<dyn ProcessGroup>) -> anyhow::Result<Measured> {
     let x = Tensor::from_vec(x, (b, t), &dev)?;
     let y = Tensor::from_vec(y, (b, t), &dev)?;
     let mask = Tensor::from_vec(mask, (b, t), &dev)?;
-    let mut step = |buckets: &mut GradBuckets| -> anyhow::Result<()> {
+    let step = |buckets: &mut GradBuckets| -> anyhow::Result<()> {
         let logits = model.forward(&x)?;
         let loss = masked_loss(&model, &logits, &y, &mask)?;
         let mut grads = loss.backward()?;
@@ -205,14 +242,27 @@ fn gpt_rank(group: Arc<dyn ProcessGroup>) -> anyhow::Result<Measured> {
         opt.step(&grads)?;
         Ok(())
     };
-    for _ in 0..5 {
-        step(&mut buckets)?;
+    timed_steps(group.as_ref(), &mut buckets, 5, steps, b, step)
+}
+
+/// Runs `step` `warmup` times, then `steps` times between two barriers;
+/// the slowest rank's time counts, `batch` samples a step on each rank.
+fn timed_steps(
+    group: &dyn ProcessGroup,
+    buckets: &mut GradBuckets,
+    warmup: usize,
+    steps: usize,
+    batch: usize,
+    mut step: impl FnMut(&mut GradBuckets) -> anyhow::Result<()>,
+) -> anyhow::Result<Measured> {
+    for _ in 0..warmup {
+        step(buckets)?;
     }
     let before = buckets.stats();
     group.barrier()?;
     let t0 = Instant::now();
     for _ in 0..steps {
-        step(&mut buckets)?;
+        step(buckets)?;
     }
     group.barrier()?;
     let dt = t0.elapsed().as_secs_f64();
@@ -221,10 +271,67 @@ fn gpt_rank(group: Arc<dyn ProcessGroup>) -> anyhow::Result<Measured> {
     let per = |a: Duration, b: Duration| 1e3 * (a - b).as_secs_f64() / steps as f64;
     Ok(Measured {
         train_s: dt,
-        samples_per_s: (steps * world * b) as f64 / dt,
+        samples_per_s: (steps * group.world_size() * batch) as f64 / dt,
         reduce_ms: per(after.collective, before.collective),
         copy_ms: per(after.copy, before.copy),
     })
+}
+
+/// The ~20M Llama of `benches/models_step.rs`: hidden 512, 8 layers, 8
+/// heads, 4 KV heads, intermediate 1024, vocab 8192, tied embeddings.
+fn llama_config() -> llama::Config {
+    let mut cfg = llama::Config::small(LLAMA_VOCAB, 512, 8, 8, 4);
+    cfg.intermediate_size = 1024;
+    cfg.tie_word_embeddings = true;
+    cfg
+}
+
+fn llama_rank(group: Arc<dyn ProcessGroup>) -> anyhow::Result<Measured> {
+    let steps: usize = common::env_or(LLAMA_STEPS_VAR, LLAMA_STEPS);
+    let b: usize = common::env_or(LLAMA_BATCH_VAR, LLAMA_BATCH);
+    let t = LLAMA_SEQ;
+    let dev = Device::Cpu;
+    let rank = group.rank();
+    let vm = VarMap::new();
+    // Every rank seeded alike, and rank 0's weights broadcast anyway (what
+    // DDP does at construction).
+    let vb = seeded_var_builder(&vm, 0, DType::F32, &dev);
+    let model = llama::Llama::load(vb, &llama_config())?;
+    let mut opt = AdamW::from_varmap(
+        &vm,
+        AdamWConfig {
+            adam: AdamConfig {
+                lr: 1e-4,
+                beta1: 0.9,
+                beta2: 0.999,
+                weight_decay: 0.01,
+                ..AdamWConfig::default().adam
+            },
+        },
+    )?;
+    let vars = opt.vars();
+    broadcast_vars(group.as_ref(), &vars, 0)?;
+    let mut buckets = GradBuckets::with_default_size(&vars)?;
+    // Each rank its own batch of random tokens (its shard), targets over
+    // every position.
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1 + rank as u64);
+    let mut tokens = |shape: &[usize]| -> anyhow::Result<Tensor> {
+        let v: Vec<u32> = (0..b * t)
+            .map(|_| rng.random_range(0..LLAMA_VOCAB as u32))
+            .collect();
+        Ok(Tensor::from_vec(v, shape, &dev)?)
+    };
+    let x = tokens(&[b, t])?;
+    let y = tokens(&[b * t])?;
+    let step = |buckets: &mut GradBuckets| -> anyhow::Result<()> {
+        let logits = model.forward_t(&x, true)?;
+        let loss = cross_entropy(&logits.reshape((b * t, LLAMA_VOCAB))?, &y)?;
+        let mut grads = loss.backward()?;
+        buckets.all_reduce_mean(group.as_ref(), &mut grads)?;
+        opt.step(&grads)?;
+        Ok(())
+    };
+    timed_steps(group.as_ref(), &mut buckets, LLAMA_WARMUP, steps, b, step)
 }
 
 /// The rank program: `DDP_BENCH_RANK=<workload>` under mpirun.
@@ -236,6 +343,7 @@ fn rank_main(workload: &str) {
         "mlp" => epoch_rank(group.clone(), false),
         "cnn" => epoch_rank(group.clone(), true),
         "gpt" => gpt_rank(group.clone()),
+        "llama" => llama_rank(group.clone()),
         w => Err(anyhow::anyhow!("unknown workload {w:?}")),
     };
     let m = group.or_abort(m);
@@ -322,29 +430,53 @@ fn ours(workload: &str, world: usize) -> Option<Run> {
     })
 }
 
-fn torch(py: &Path, workload: &str, world: usize, gpt_steps: usize) -> Option<Run> {
+/// The fixed-step workloads' knobs, read once by the driver and handed to
+/// the PyTorch twins (the ranks read the same variables themselves).
+struct Steps {
+    gpt: usize,
+    llama: usize,
+    llama_batch: usize,
+}
+
+fn torch(py: &Path, workload: &str, world: usize, steps: &Steps) -> Option<Run> {
     let mut cmd = Command::new(py);
-    if workload == "gpt" {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/torch_ddp_gpt.py");
-        cmd.arg(script)
-            .arg(world.to_string())
-            .arg(gpt_steps.to_string());
-    } else {
-        cmd.arg(common::peers_dir().join("torch_ddp.py"))
-            .arg(common::mnist_dir())
-            .args([workload, &world.to_string(), "1"]);
-    }
+    let benches = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches");
+    // gpt and llama: a fixed number of steps; None: full MNIST epochs.
+    let fixed = match workload {
+        "gpt" => {
+            cmd.arg(benches.join("torch_ddp_gpt.py"))
+                .args([world.to_string(), steps.gpt.to_string()]);
+            Some(steps.gpt)
+        }
+        "llama" => {
+            cmd.arg(benches.join("torch_ddp_llama.py")).args([
+                world.to_string(),
+                steps.llama.to_string(),
+                steps.llama_batch.to_string(),
+                LLAMA_SEQ.to_string(),
+                LLAMA_WARMUP.to_string(),
+            ]);
+            Some(steps.llama)
+        }
+        _ => {
+            cmd.arg(common::peers_dir().join("torch_ddp.py"))
+                .arg(common::mnist_dir())
+                .args([workload, &world.to_string(), "1"]);
+            None
+        }
+    };
     let (out, wall_s, cpu_s) = timed(cmd)?;
-    let (train_s, samples_per_s) = if workload == "gpt" {
-        // gpt<TAB>world<TAB>ms per step<TAB>samples/s
+    let (train_s, samples_per_s) = if let Some(n) = fixed {
+        // workload<TAB>world<TAB>ms per step<TAB>samples/s
+        let prefix = format!("{workload}\t");
         let f: Vec<f64> = out
             .lines()
-            .find(|l| l.starts_with("gpt\t"))?
+            .find(|l| l.starts_with(&prefix))?
             .split('\t')
             .skip(1)
             .filter_map(|x| x.parse().ok())
             .collect();
-        (f[1] * gpt_steps as f64 / 1e3, f[2])
+        (f[1] * n as f64 / 1e3, f[2])
     } else {
         // "... best 12.345s  4860 samples/s"
         let best = out.split(" best ").nth(1)?;
@@ -362,6 +494,19 @@ fn torch(py: &Path, workload: &str, world: usize, gpt_steps: usize) -> Option<Ru
     })
 }
 
+/// A throughput for the report: samples/s, and tokens/s for the llama's
+/// sequences (a few samples a second at 1 thread).
+fn rate(workload: &str, samples_per_s: f64) -> String {
+    if workload == "llama" {
+        format!(
+            "{samples_per_s:8.2} samples/s ({:6.0} tokens/s)",
+            samples_per_s * LLAMA_SEQ as f64
+        )
+    } else {
+        format!("{samples_per_s:8.0} samples/s")
+    }
+}
+
 fn best(runs: &[Run]) -> Option<Run> {
     runs.iter()
         .copied()
@@ -373,11 +518,23 @@ fn main() {
         rank_main(&w);
         return;
     }
+    let malloc = common::malloc_setting();
     let rounds: usize = common::env_or("DDP_BENCH_ROUNDS", 2);
-    let gpt_steps: usize = common::env_or("DDP_BENCH_GPT_STEPS", 100);
+    let steps = Steps {
+        gpt: common::env_or("DDP_BENCH_GPT_STEPS", 100),
+        llama: common::env_or(LLAMA_STEPS_VAR, LLAMA_STEPS),
+        llama_batch: common::env_or(LLAMA_BATCH_VAR, LLAMA_BATCH),
+    };
     let workloads =
         std::env::var("DDP_BENCH_WORKLOADS").unwrap_or_else(|_| "gpt,mlp,cnn".to_string());
     let workloads: Vec<&str> = workloads.split(',').collect();
+    println!("allocator: {malloc}");
+    if workloads.contains(&"llama") {
+        println!(
+            "llama: hidden 512, 8 layers, 8 heads, 4 KV heads, intermediate 1024, vocab {LLAMA_VOCAB} tied; batch {} x {LLAMA_SEQ} tokens per rank, AdamW, {LLAMA_WARMUP} warm-up + {} timed steps",
+            steps.llama_batch, steps.llama
+        );
+    }
     let py = common::torch_python();
     if py.is_none() {
         println!(
@@ -402,14 +559,14 @@ fn main() {
                 let r = match side {
                     "minibatch" => ours(w, world),
                     _ => match &py {
-                        Some(py) => torch(py, w, world, gpt_steps),
+                        Some(py) => torch(py, w, world, &steps),
                         None => continue,
                     },
                 };
                 let Some(r) = r else { continue };
                 println!(
-                    "round {round} {w:>3} {side:>9} x{world}: {:8.0} samples/s, train {:6.2} s, all-reduce {:.2} ms/step (+{:.2} copy), command wall {:.1} s CPU {:.1} s",
-                    r.samples_per_s, r.train_s, r.reduce_ms, r.copy_ms, r.wall_s, r.cpu_s
+                    "round {round} {w:>3} {side:>9} x{world}: {}, train {:6.2} s, all-reduce {:.2} ms/step (+{:.2} copy), command wall {:.1} s CPU {:.1} s",
+                    rate(w, r.samples_per_s), r.train_s, r.reduce_ms, r.copy_ms, r.wall_s, r.cpu_s
                 );
                 runs.entry((w.to_string(), side, world))
                     .or_default()
@@ -432,13 +589,13 @@ fn main() {
         for (name, r2, r1) in [("minibatch", o2, o1), ("torch DDP", t2, t1)] {
             if let (Some(r2), Some(r1)) = (r2, r1) {
                 println!(
-                    "{w:>3} {name:>9}: 2 ranks {:8.0} samples/s ({:.2} s, CPU {:.1} s in the ranks, command wall {:.1} s CPU {:.1} s), 1 process {:8.0} samples/s ({:.2} s, command wall {:.1} s CPU {:.1} s); scaling efficiency {:.2}",
-                    r2.samples_per_s,
+                    "{w:>3} {name:>9}: 2 ranks {} ({:.2} s, CPU {:.1} s in the ranks, command wall {:.1} s CPU {:.1} s), 1 process {} ({:.2} s, command wall {:.1} s CPU {:.1} s); scaling efficiency {:.2}",
+                    rate(w, r2.samples_per_s),
                     r2.train_s,
                     r2.rank_cpu_s,
                     r2.wall_s,
                     r2.cpu_s,
-                    r1.samples_per_s,
+                    rate(w, r1.samples_per_s),
                     r1.train_s,
                     r1.wall_s,
                     r1.cpu_s,
