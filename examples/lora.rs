@@ -58,6 +58,8 @@
 
 #[path = "lora/bert.rs"]
 mod bert_task;
+#[path = "common/licence_task.rs"]
+mod licence_task;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
