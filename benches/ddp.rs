@@ -564,9 +564,18 @@ fn main() {
                     },
                 };
                 let Some(r) = r else { continue };
+                // PyTorch's twins report no all-reduce time.
+                let reduce = if r.reduce_ms.is_finite() {
+                    format!(
+                        ", all-reduce {:.2} ms/step (+{:.2} copy)",
+                        r.reduce_ms, r.copy_ms
+                    )
+                } else {
+                    String::new()
+                };
                 println!(
-                    "round {round} {w:>3} {side:>9} x{world}: {}, train {:6.2} s, all-reduce {:.2} ms/step (+{:.2} copy), command wall {:.1} s CPU {:.1} s",
-                    rate(w, r.samples_per_s), r.train_s, r.reduce_ms, r.copy_ms, r.wall_s, r.cpu_s
+                    "round {round} {w:>3} {side:>9} x{world}: {}, train {:6.2} s{reduce}, command wall {:.1} s CPU {:.1} s",
+                    rate(w, r.samples_per_s), r.train_s, r.wall_s, r.cpu_s
                 );
                 runs.entry((w.to_string(), side, world))
                     .or_default()
@@ -588,11 +597,15 @@ fn main() {
         );
         for (name, r2, r1) in [("minibatch", o2, o1), ("torch DDP", t2, t1)] {
             if let (Some(r2), Some(r1)) = (r2, r1) {
+                let rank_cpu = if r2.rank_cpu_s.is_finite() {
+                    format!(", CPU {:.1} s in the ranks", r2.rank_cpu_s)
+                } else {
+                    String::new()
+                };
                 println!(
-                    "{w:>3} {name:>9}: 2 ranks {} ({:.2} s, CPU {:.1} s in the ranks, command wall {:.1} s CPU {:.1} s), 1 process {} ({:.2} s, command wall {:.1} s CPU {:.1} s); scaling efficiency {:.2}",
+                    "{w:>3} {name:>9}: 2 ranks {} ({:.2} s{rank_cpu}, command wall {:.1} s CPU {:.1} s), 1 process {} ({:.2} s, command wall {:.1} s CPU {:.1} s); scaling efficiency {:.2}",
                     rate(w, r2.samples_per_s),
                     r2.train_s,
-                    r2.rank_cpu_s,
                     r2.wall_s,
                     r2.cpu_s,
                     rate(w, r1.samples_per_s),
