@@ -271,6 +271,17 @@ impl LoraLayer {
 
     /// `base(x) + scaling · B(A(dropout(x)))`, dropout only when `train`.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let dropout = train && self.dropout.is_some();
+        if !dropout && !matches!(self.base, Projection::Lora(_)) {
+            // No dropout on the adapter's input over a plain base map: one
+            // fused node for both (`Linear::forward_lora`, the same bits).
+            return self.base.as_linear().forward_lora(
+                x,
+                self.lora_a.weight(),
+                self.lora_b.weight(),
+                self.scaling,
+            );
+        }
         let y = self.base.forward_t(x, train)?;
         let h = match &self.dropout {
             Some(d) if train => d.forward(x, true)?,

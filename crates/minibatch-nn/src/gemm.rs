@@ -179,6 +179,29 @@ pub(crate) fn matmul_new<T: Float>(a: Mat<T>, b: Mat<T>) -> Vec<T> {
     unsafe { assume_init(out) }
 }
 
+/// `dst += a · b`, `dst` row-major `(a.rows, b.cols)`, split by blocks of
+/// rows over candle's CPU pool as [`matmul_new`] splits. Each element gets
+/// `dst + Σ` (the kernel's `1 · Σ + dst` fused multiply-add, exact for the
+/// factor 1), the bits of computing the product apart and adding it.
+pub(crate) fn matmul_add<T: Float>(dst: &mut [T], a: Mat<T>, b: Mat<T>) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(k, b.rows, "gemm: inner dimensions differ");
+    assert!(a.fits() && b.fits(), "gemm: operand view out of bounds");
+    assert_eq!(dst.len(), m * n, "gemm: destination size");
+    if k == 0 || m == 0 || n == 0 {
+        return;
+    }
+    let per = m.div_ceil(parts(m, (m * n * k) >> 2)).max(1);
+    run_parts(dst.chunks_mut(per * n).collect(), |part, rows| {
+        let block = Mat {
+            data: &a.data[part * per * a.rs..],
+            rows: rows.len() / n,
+            ..a
+        };
+        matmul_seq(rows, n, block, b, true);
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -146,7 +146,7 @@ impl Linear {
     /// Whether the fused CPU op takes `x`: on the CPU, `f32`/`f64` throughout,
     /// rank 2, or higher and contiguous, and shapes that fit (anything else goes to candle-nn's ops,
     /// which also report shape errors in candle-nn's words).
-    fn fused_applies(&self, x: &Tensor) -> bool {
+    pub(crate) fn fused_applies(&self, x: &Tensor) -> bool {
         let dt = x.dtype();
         let w = &self.weight;
         cpu_kernel(x)
@@ -197,7 +197,7 @@ struct LinearOp;
 /// A strided 2-D view of a tensor's storage.
 /// A rank-2 layout through its strides, or a contiguous one of higher rank
 /// as the `(M, K)` matrix of its rows.
-fn mat<'a, T: Float>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<Mat<'a, T>> {
+pub(crate) fn mat<'a, T: Float>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<Mat<'a, T>> {
     let all = T::cpu_storage_as_slice(s)?;
     let dims = l.dims();
     let st = l.stride();
@@ -240,6 +240,18 @@ fn forward<T: Float>(
     lw: &Layout,
     b: Option<(&CpuStorage, &Layout)>,
 ) -> candle_core::Result<(CpuStorage, Shape)> {
+    let (out, shape) = forward_vec::<T>(x, lx, w, lw, b)?;
+    Ok((T::to_cpu_storage_owned(out), shape))
+}
+
+/// [`forward`]'s result as a row-major `(M, N)` buffer and the output shape.
+pub(crate) fn forward_vec<T: Float>(
+    x: &CpuStorage,
+    lx: &Layout,
+    w: &CpuStorage,
+    lw: &Layout,
+    b: Option<(&CpuStorage, &Layout)>,
+) -> candle_core::Result<(Vec<T>, Shape)> {
     let x = mat::<T>(x, lx)?;
     let w = mat::<T>(w, lw)?;
     let n = w.rows;
@@ -260,7 +272,7 @@ fn forward<T: Float>(
             }
         }
     }
-    Ok((T::to_cpu_storage_owned(out), with_last(lx.dims(), n)))
+    Ok((out, with_last(lx.dims(), n)))
 }
 
 /// The gradients of `(x, w, b)` from `grad (..., N)` (as `(M, N)`); `dx`
