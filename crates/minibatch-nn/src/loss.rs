@@ -14,6 +14,7 @@ use crate::cpu::{contiguous, with_cpu, ClassIds};
 use crate::dispatch::cpu_kernel;
 use crate::float::Float;
 use crate::ids::{check_ids, check_index_dtype};
+use crate::split::{assume_init, parts, run_parts, uninit};
 use crate::NnError;
 
 /// The cross-entropy loss of raw logits against class ids, averaged over the
@@ -36,7 +37,8 @@ use crate::NnError;
 /// logits computes each row's maximum, log-sum-exp and picked log-probability
 /// (no `(batch, classes)` intermediate tensors), keeps the two per-row
 /// statistics for the backward pass, which writes `(softmax - onehot) · g / B`
-/// in one more pass. The forward result is bit-identical to candle-nn's (the
+/// in one more pass; large batches split their rows over candle's CPU
+/// threads. The forward result is bit-identical to candle-nn's (the
 /// same operations in the same order). On other devices, or after
 /// [`set_tensor_path(true)`](crate::set_tensor_path), the same maths runs as
 /// candle tensor ops.
@@ -205,40 +207,67 @@ struct CrossEntropyOp {
     saved: OnceLock<CpuStorage>,
 }
 
-/// Forward: the loss, and `[max, log_sum]` per row.
+/// Rows per part when `b` rows of `c` logits are split over candle's pool.
+fn rows_per_part(b: usize, c: usize) -> usize {
+    b.div_ceil(parts(b, b * c)).max(1)
+}
+
+/// Forward: the loss, and `[max, log_sum]` per row. Blocks of rows run on
+/// candle's CPU pool; each row's figures do not depend on the split, and the
+/// picked log-probabilities are summed in row order afterwards, so the bits
+/// are those of one pass.
 fn ce_forward<T: Float>(x: &[T], ids: &ClassIds, c: usize) -> candle_core::Result<(T, Vec<T>)> {
     let b = ids.len();
     ids.check(c, "cross_entropy")?;
+    let per = rows_per_part(b, c);
+    let blocks = run_parts(x.chunks(per * c).collect(), |blk, xs| {
+        let mut stats = Vec::with_capacity(2 * per);
+        let mut picked = Vec::with_capacity(per);
+        let mut exps = vec![T::zero(); c];
+        for (i, row) in xs.chunks_exact(c).enumerate() {
+            let max = row[1..].iter().fold(row[0], |m, &v| m.max(v));
+            for (e, &v) in exps.iter_mut().zip(row) {
+                *e = (v - max).exp();
+            }
+            let log_sum = T::sum_candle_order(&exps).ln();
+            picked.push((row[ids.get(blk * per + i) as usize] - max) - log_sum);
+            stats.push(max);
+            stats.push(log_sum);
+        }
+        (stats, picked)
+    });
     let mut stats = Vec::with_capacity(2 * b);
     let mut picked = Vec::with_capacity(b);
-    let mut exps = vec![T::zero(); c];
-    for (r, row) in x.chunks_exact(c).enumerate() {
-        let max = row[1..].iter().fold(row[0], |m, &v| m.max(v));
-        for (e, &v) in exps.iter_mut().zip(row) {
-            *e = (v - max).exp();
-        }
-        let log_sum = T::sum_candle_order(&exps).ln();
-        picked.push((row[ids.get(r) as usize] - max) - log_sum);
-        stats.push(max);
-        stats.push(log_sum);
+    for (s, p) in blocks {
+        stats.extend(s);
+        picked.extend(p);
     }
     // candle-nn: gather, sum_all, affine(-1/B, 0).
     let loss = T::sum_candle_order(&picked) * T::from_f64(-1f64 / b as f64) + T::zero();
     Ok((loss, stats))
 }
 
-/// Backward: `(softmax - onehot) · g / B`.
+/// Backward: `(softmax - onehot) · g / B`, blocks of rows on candle's pool,
+/// the exponentials by [`Float::exp_fast`] (vectorised, within 2 ulp).
 fn ce_backward<T: Float>(x: &[T], ids: &ClassIds, stats: &[T], c: usize, g: T) -> Vec<T> {
     let b = ids.len();
     let scale = g / T::from_f64(b as f64);
-    let mut out = Vec::with_capacity(b * c);
-    for (r, row) in x.chunks_exact(c).enumerate() {
-        let (max, log_sum) = (stats[2 * r], stats[2 * r + 1]);
-        out.extend(row.iter().map(|&v| ((v - max) - log_sum).exp() * scale));
-        let t = r * c + ids.get(r) as usize;
-        out[t] -= scale;
-    }
-    out
+    let per = rows_per_part(b, c);
+    let mut out = uninit::<T>(b * c);
+    run_parts(out.chunks_mut(per * c).collect(), |blk, o| {
+        let rows = x[blk * per * c..].chunks_exact(c);
+        for (i, (orow, row)) in o.chunks_exact_mut(c).zip(rows).enumerate() {
+            let r = blk * per + i;
+            let (max, log_sum) = (stats[2 * r], stats[2 * r + 1]);
+            for (d, &v) in orow.iter_mut().zip(row) {
+                d.write(((v - max) - log_sum).exp_fast() * scale);
+            }
+            let t = ids.get(r) as usize;
+            orow[t].write(((row[t] - max) - log_sum).exp_fast() * scale - scale);
+        }
+    });
+    // SAFETY: every row of every block was written above.
+    unsafe { assume_init(out) }
 }
 
 impl CustomOp2 for CrossEntropyOp {
