@@ -8,37 +8,14 @@
 mod common;
 
 use candle_core::{DType, Device, Module, Tensor, Var};
-use common::{both_paths, check_gradients_fd, uniform};
+use common::{abs_sum, bits, both_paths, check_gradients_fd, uniform};
 use minibatch_nn::Linear;
 use minibatch_testkit::{assert_close, Tol};
-
-fn bits(t: &Tensor) -> Vec<u64> {
-    t.flatten_all()
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap()
-        .iter()
-        .map(|v| v.to_bits())
-        .collect()
-}
 
 /// PEFT's forward, node by node.
 fn composition(base: &Linear, x: &Tensor, a: &Tensor, b: &Tensor, s: f64) -> Tensor {
     let h = (Linear::new(a.clone(), None).forward(x).unwrap() * s).unwrap();
     (base.forward(x).unwrap() + Linear::new(b.clone(), None).forward(&h).unwrap()).unwrap()
-}
-
-fn abs_sum(t: &Tensor) -> f64 {
-    t.abs()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
 }
 
 #[test]

@@ -6,7 +6,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use common::{both_paths, check_gradients_fd};
+use common::{abs_sum, bits, both_paths, check_gradients_fd};
 use minibatch_nn::ops::{silu, silu_mul};
 use minibatch_testkit::{assert_close, Tol};
 
@@ -72,15 +72,6 @@ fn gradients_match_finite_differences() {
     });
 }
 
-fn bits(t: &Tensor) -> Vec<u64> {
-    let t = t.flatten_all().unwrap().to_dtype(DType::F64).unwrap();
-    t.to_vec1::<f64>()
-        .unwrap()
-        .iter()
-        .map(|v| v.to_bits())
-        .collect()
-}
-
 #[test]
 fn silu_mul_is_silu_then_product_bit_for_bit() {
     let g64 = draw(3 * 40_001, 5).reshape((3, 40_001)).unwrap();
@@ -115,17 +106,7 @@ fn silu_mul_is_silu_then_product_bit_for_bit() {
             assert!(bits(&du1) == bits(&du2), "d up differs, {what}");
             // And not trivially: the values are finite and the gradients live.
             assert_close(&y1, &y2, Tol::new(0.0, 0.0), &what);
-            assert!(
-                dg1.abs()
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_dtype(DType::F64)
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap()
-                    > 0.0
-            );
+            assert!(abs_sum(&dg1) > 0.0);
         });
     }
 }

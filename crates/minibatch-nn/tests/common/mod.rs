@@ -143,3 +143,21 @@ pub fn uniform(shape: &[usize], dtype: DType, seed: u64, scale: f64) -> Tensor {
         .to_dtype(dtype)
         .unwrap()
 }
+
+/// Every element's bits as f64 (f32 widened exactly), for bit-for-bit
+/// comparisons of two computations.
+pub fn bits(t: &Tensor) -> Vec<u64> {
+    to_f64_vec(t).iter().map(|v| v.to_bits()).collect()
+}
+
+/// `Σ |t|` as f64: zero only for an all-zero tensor (NaN for a NaN in it).
+pub fn abs_sum(t: &Tensor) -> f64 {
+    t.abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
