@@ -97,7 +97,7 @@ const LLAMA_BATCH_VAR: &str = "DDP_BENCH_LLAMA_BATCH";
 const LLAMA_BATCH: usize = 8;
 const LLAMA_SEQ: usize = 256;
 const LLAMA_WARMUP: usize = 2;
-const LLAMA_VOCAB: usize = 8192;
+const LLAMA_VOCAB: usize = common::LLAMA_20M_VOCAB;
 
 struct Mlp(Linear, Linear, Linear);
 
@@ -277,15 +277,6 @@ fn timed_steps(
     })
 }
 
-/// The ~20M Llama of `benches/models_step.rs`: hidden 512, 8 layers, 8
-/// heads, 4 KV heads, intermediate 1024, vocab 8192, tied embeddings.
-fn llama_config() -> llama::Config {
-    let mut cfg = llama::Config::small(LLAMA_VOCAB, 512, 8, 8, 4);
-    cfg.intermediate_size = 1024;
-    cfg.tie_word_embeddings = true;
-    cfg
-}
-
 fn llama_rank(group: Arc<dyn ProcessGroup>) -> anyhow::Result<Measured> {
     let steps: usize = common::env_or(LLAMA_STEPS_VAR, LLAMA_STEPS);
     let b: usize = common::env_or(LLAMA_BATCH_VAR, LLAMA_BATCH);
@@ -296,19 +287,8 @@ fn llama_rank(group: Arc<dyn ProcessGroup>) -> anyhow::Result<Measured> {
     // Every rank seeded alike, and rank 0's weights broadcast anyway (what
     // DDP does at construction).
     let vb = seeded_var_builder(&vm, 0, DType::F32, &dev);
-    let model = llama::Llama::load(vb, &llama_config())?;
-    let mut opt = AdamW::from_varmap(
-        &vm,
-        AdamWConfig {
-            adam: AdamConfig {
-                lr: 1e-4,
-                beta1: 0.9,
-                beta2: 0.999,
-                weight_decay: 0.01,
-                ..AdamWConfig::default().adam
-            },
-        },
-    )?;
+    let model = llama::Llama::load(vb, &common::llama_20m())?;
+    let mut opt = AdamW::from_varmap(&vm, common::models_adamw())?;
     let vars = opt.vars();
     broadcast_vars(group.as_ref(), &vars, 0)?;
     let mut buckets = GradBuckets::with_default_size(&vars)?;

@@ -357,18 +357,49 @@ fn bench_minilm(dir: &str) {
     let before = torch_bert(dir, b, t, steps);
     let mut st = bert_setup(dir, b, t);
     st.step();
-    let mut times = Vec::new();
-    let c0 = common::cpu_seconds();
-    for _ in 0..steps {
-        let t0 = Instant::now();
-        st.step();
-        times.push(t0.elapsed().as_secs_f64() * 1e3);
-    }
-    let cpu = 1e3 * (common::cpu_seconds() - c0) / steps as f64;
+    let timed = time_steps(steps, || st.step());
     let n_adapter = st.n_adapter;
     drop(st);
-    let after = torch_bert(dir, b, t, steps);
-    let torch = match (before, after) {
+    let torch = better(before, torch_bert(dir, b, t, steps));
+    print_table(
+        &format!(
+            "LoRA step: MiniLM ({dir}, frozen), r 8 on query/key/value/attention.output.dense + classifier ({n_adapter} trained), batch {b} x {t} tokens; ms per step over {steps} steps:"
+        ),
+        &timed,
+        our_memory("bert"),
+        torch,
+    );
+}
+
+/// Our step's `min`, `median` wall ms and CPU ms per step.
+struct Timed {
+    min: f64,
+    median: f64,
+    cpu: f64,
+}
+
+/// `steps` timed calls of `step`.
+fn time_steps(steps: usize, mut step: impl FnMut()) -> Timed {
+    let mut times = Vec::with_capacity(steps);
+    let c0 = common::cpu_seconds();
+    for _ in 0..steps {
+        let t = Instant::now();
+        step();
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let cpu = 1e3 * (common::cpu_seconds() - c0) / steps.max(1) as f64;
+    let min = times.iter().copied().fold(f64::INFINITY, f64::min);
+    Timed {
+        min,
+        median: median(&mut times),
+        cpu,
+    }
+}
+
+/// The better of PyTorch's runs before and after ours: the lower times, the
+/// higher memory.
+fn better(a: Option<[f64; 5]>, b: Option<[f64; 5]>) -> Option<[f64; 5]> {
+    match (a, b) {
         (Some(a), Some(b)) => Some([
             a[0].min(b[0]),
             a[1].min(b[1]),
@@ -377,28 +408,36 @@ fn bench_minilm(dir: &str) {
             a[4].max(b[4]),
         ]),
         (a, b) => a.or(b),
-    };
-    let min = times.iter().copied().fold(f64::INFINITY, f64::min);
-    let med = median(&mut times);
-    let mem = common::fresh_process("LORA_STEP_MEMORY", "bert").and_then(|o| {
-        let t = String::from_utf8_lossy(&o.stdout).to_string();
-        let v: Vec<f64> = t
-            .trim()
-            .split('\t')
-            .filter_map(|x| x.parse().ok())
-            .collect();
-        (v.len() == 3).then(|| [v[0], v[1], v[2]])
-    });
-    let [peak, step_mib, _] = mem.unwrap_or([f64::NAN; 3]);
-    println!(
-        "LoRA step: MiniLM ({dir}, frozen), r 8 on query/key/value/attention.output.dense + classifier ({n_adapter} trained), batch {b} x {t} tokens; ms per step over {steps} steps:"
-    );
+    }
+}
+
+/// Our `[peak MiB, step MiB, CPU ms]` from a fresh process of this binary
+/// (`LORA_STEP_MEMORY=key`); NaN where it could not be read.
+fn our_memory(key: &str) -> [f64; 3] {
+    common::fresh_process("LORA_STEP_MEMORY", key)
+        .and_then(|o| {
+            let t = String::from_utf8_lossy(&o.stdout).to_string();
+            let v: Vec<f64> = t
+                .trim()
+                .split('\t')
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            (v.len() == 3).then(|| [v[0], v[1], v[2]])
+        })
+        .unwrap_or([f64::NAN; 3])
+}
+
+/// The table of one workload: ours, PyTorch's (when it ran) and the ratios.
+fn print_table(title: &str, ours: &Timed, mem: [f64; 3], torch: Option<[f64; 5]>) {
+    let Timed { min, median, cpu } = *ours;
+    let [peak, step_mib, _] = mem;
+    println!("{title}");
     println!(
         "  {:<14} {:>9} {:>9} {:>9} {:>10} {:>10}",
         "variant", "min", "median", "CPU ms", "peak MiB", "step MiB"
     );
     println!(
-        "  {:<14} {min:>9.1} {med:>9.1} {cpu:>9.1} {peak:>10.1} {step_mib:>10.1}",
+        "  {:<14} {min:>9.1} {median:>9.1} {cpu:>9.1} {peak:>10.1} {step_mib:>10.1}",
         "minibatch"
     );
     if let Some(t) = torch {
@@ -409,7 +448,7 @@ fn bench_minilm(dir: &str) {
         println!(
             "  torch_peft / minibatch: {:.2}x on min, {:.2}x on median, {:.2}x on CPU time (> 1: minibatch faster); step memory {:.2}x",
             t[0] / min,
-            t[1] / med,
+            t[1] / median,
             t[2] / cpu,
             t[4] / step_mib
         );
@@ -447,64 +486,19 @@ fn main() {
         st.step();
     }
     let steps = common::env_or("LORA_STEPS", 10usize);
-    let mut times = Vec::new();
-    let c0 = common::cpu_seconds();
-    for _ in 0..steps {
-        let t = Instant::now();
-        st.step();
-        times.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    let cpu = 1e3 * (common::cpu_seconds() - c0) / steps as f64;
+    let timed = time_steps(steps, || st.step());
     let (n_base, n_adapter) = (st.n_base, st.n_adapter);
     drop(st);
-    let after = torch(&s);
-    let torch = match (before, after) {
-        (Some(a), Some(b)) => Some([
-            a[0].min(b[0]),
-            a[1].min(b[1]),
-            a[2].min(b[2]),
-            a[3].max(b[3]),
-            a[4].max(b[4]),
-        ]),
-        (a, b) => a.or(b),
-    };
-    let min = times.iter().copied().fold(f64::INFINITY, f64::min);
-    let med = median(&mut times);
-    let mem = common::fresh_process("LORA_STEP_MEMORY", "1").and_then(|o| {
-        let t = String::from_utf8_lossy(&o.stdout).to_string();
-        let v: Vec<f64> = t
-            .trim()
-            .split('\t')
-            .filter_map(|x| x.parse().ok())
-            .collect();
-        (v.len() == 3).then(|| [v[0], v[1], v[2]])
-    });
-    let [peak, step_mib, _] = mem.unwrap_or([f64::NAN; 3]);
-    println!(
-        "LoRA step: Llama {} layers, hidden {}, vocab {} ({n_base} base parameters, frozen), r {} on q/k/v/o ({n_adapter} trained), batch {} x {} tokens; ms per step over {steps} steps:",
-        s.layers, s.hidden, s.vocab, s.r, s.batch, s.seq
+    let torch = better(before, torch(&s));
+    print_table(
+        &format!(
+            "LoRA step: Llama {} layers, hidden {}, vocab {} ({n_base} base parameters, frozen), r {} on q/k/v/o ({n_adapter} trained), batch {} x {} tokens; ms per step over {steps} steps:",
+            s.layers, s.hidden, s.vocab, s.r, s.batch, s.seq
+        ),
+        &timed,
+        our_memory("1"),
+        torch,
     );
-    println!(
-        "  {:<14} {:>9} {:>9} {:>9} {:>10} {:>10}",
-        "variant", "min", "median", "CPU ms", "peak MiB", "step MiB"
-    );
-    println!(
-        "  {:<14} {min:>9.1} {med:>9.1} {cpu:>9.1} {peak:>10.1} {step_mib:>10.1}",
-        "minibatch"
-    );
-    if let Some(t) = torch {
-        println!(
-            "  {:<14} {:>9.1} {:>9.1} {:>9.1} {:>10.1} {:>10.1}",
-            "torch_peft", t[0], t[1], t[2], t[3], t[4]
-        );
-        println!(
-            "  torch_peft / minibatch: {:.2}x on min, {:.2}x on median, {:.2}x on CPU time (> 1: minibatch faster); step memory {:.2}x",
-            t[0] / min,
-            t[1] / med,
-            t[2] / cpu,
-            t[4] / step_mib
-        );
-    }
     if let Some(dir) = &minilm {
         bench_minilm(dir);
     }

@@ -43,9 +43,9 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use minibatch_models::bert::{self, BertForSequenceClassification};
 use minibatch_models::checkpoint::load_pretrained;
-use minibatch_models::llama::{self, Llama};
+use minibatch_models::llama::Llama;
 use minibatch_nn::{loss::cross_entropy, seeded_var_builder, set_rng_step};
-use minibatch_optim::{AdamConfig, AdamW, AdamWConfig, Optimizer};
+use minibatch_optim::{AdamW, Optimizer};
 use rand::{Rng, SeedableRng};
 
 /// all-MiniLM-L6-v2's `config.json` (sentence-transformers' checkpoint), 2 labels.
@@ -119,13 +119,12 @@ fn setup(workload: &str) -> Setup {
             (Net::Bert(Box::new(model)), inputs, weights)
         }
         "llama" => {
-            let mut cfg = llama::Config::small(8192, 512, 8, 8, 4);
-            cfg.intermediate_size = 1024;
-            cfg.tie_word_embeddings = true;
-            let model = Llama::load(vb, &cfg).unwrap();
+            let model = Llama::load(vb, &common::llama_20m()).unwrap();
             let (b, t) = (8, 256);
             let mut toks = || -> Tensor {
-                let v: Vec<u32> = (0..b * t).map(|_| rng.random_range(0..8192)).collect();
+                let v: Vec<u32> = (0..b * t)
+                    .map(|_| rng.random_range(0..common::LLAMA_20M_VOCAB as u32))
+                    .collect();
                 Tensor::from_vec(v, (b, t), &dev).unwrap()
             };
             let inputs = vec![toks(), toks()];
@@ -137,19 +136,7 @@ fn setup(workload: &str) -> Setup {
         }
         other => panic!("unknown workload {other}"),
     };
-    let opt = AdamW::from_varmap(
-        &vm,
-        AdamWConfig {
-            adam: AdamConfig {
-                lr: 1e-4,
-                beta1: 0.9,
-                beta2: 0.999,
-                weight_decay: 0.01,
-                ..AdamWConfig::default().adam
-            },
-        },
-    )
-    .unwrap();
+    let opt = AdamW::from_varmap(&vm, common::models_adamw()).unwrap();
     let n_params = vm.all_vars().iter().map(|v| v.elem_count()).sum();
     Setup {
         net,

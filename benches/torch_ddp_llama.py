@@ -5,8 +5,8 @@ tied embeddings, eager attention), wrapped in DistributedDataParallel on
 gloo, each rank one thread, per-rank batch BATCH sequences of SEQ tokens,
 next-token cross-entropy over every position, AdamW (lr 1e-4, betas
 0.9/0.999, weight decay 0.01). WORLD ranks on this machine
-(torch.multiprocessing spawn, as torch_ddp_gpt.py does); WORLD 1 runs one
-process without DDP: the baseline of the scaling efficiency.
+(torch_common.ddp_seconds, as torch_ddp_gpt.py); WORLD 1 runs one process
+without DDP: the baseline of the scaling efficiency.
 
 Every rank starts from the same init (seed 0; DDP broadcasts rank 0's
 weights too) and draws its own batch (seed 1 + rank). After WARMUP steps,
@@ -18,14 +18,14 @@ The bench runs it with its allocator setting in the environment
 
 usage: python benches/torch_ddp_llama.py WORLD [STEPS] [BATCH_PER_RANK] [SEQ] [WARMUP]
 """
+import functools
 import os
 import sys
-import time
 
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-import torch.nn.functional as F
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch_common import ddp_seconds  # noqa: E402
 
 VOCAB = 8192
 
@@ -43,12 +43,7 @@ def build():
     return model
 
 
-def run(rank, world, steps, bs, t, warmup, q):
-    torch.set_num_threads(1)
-    if world > 1:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29535")
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+def make_step(bs, t, rank, world):
     torch.manual_seed(0)
     model = build()
     model.train()
@@ -65,22 +60,7 @@ def run(rank, world, steps, bs, t, warmup, q):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
-        step()
-    if world > 1:
-        dist.barrier()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if world > 1:
-        dist.barrier()
-    dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(dt, op=dist.ReduceOp.MAX)
-    if rank == 0:
-        q.put(dt.item())
-    if world > 1:
-        dist.destroy_process_group()
+    return step
 
 
 if __name__ == "__main__":
@@ -89,11 +69,5 @@ if __name__ == "__main__":
     bs = int(sys.argv[3]) if len(sys.argv) > 3 else 8
     t = int(sys.argv[4]) if len(sys.argv) > 4 else 256
     warmup = int(sys.argv[5]) if len(sys.argv) > 5 else 2
-    q = mp.get_context("spawn").SimpleQueue()
-    args = (world, steps, bs, t, warmup, q)
-    if world == 1:
-        run(0, *args)
-    else:
-        mp.start_processes(run, args=args, nprocs=world, start_method="spawn")
-    dt = q.get()
+    dt = ddp_seconds(functools.partial(make_step, bs, t), world, 29535, warmup, steps)
     print(f"llama\t{world}\t{1e3 * dt / steps:.3f}\t{steps * world * bs / dt:.3f}")

@@ -124,3 +124,30 @@ pub fn malloc_setting() -> &'static str {
         "allocator defaults (keep_freed_memory needs glibc)"
     }
 }
+
+/// The vocabulary of [`llama_20m`].
+pub const LLAMA_20M_VOCAB: usize = 8192;
+
+/// The ~20M Llama of the models issue, shared by `models_step` and `ddp`:
+/// hidden 512, 8 layers, 8 heads, 4 KV heads, intermediate 1024, vocab
+/// 8192, tied embeddings (23.1M parameters).
+pub fn llama_20m() -> minibatch::models::llama::Config {
+    let mut cfg = minibatch::models::llama::Config::small(LLAMA_20M_VOCAB, 512, 8, 8, 4);
+    cfg.intermediate_size = 1024;
+    cfg.tie_word_embeddings = true;
+    cfg
+}
+
+/// The models benches' AdamW: lr 1e-4, betas 0.9/0.999, weight decay 0.01
+/// (transformers' fine-tuning defaults but the lr; the twins use the same).
+pub fn models_adamw() -> minibatch::optim::AdamWConfig {
+    minibatch::optim::AdamWConfig {
+        adam: minibatch::optim::AdamConfig {
+            lr: 1e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            weight_decay: 0.01,
+            ..minibatch::optim::AdamWConfig::default().adam
+        },
+    }
+}

@@ -18,6 +18,7 @@ use crate::cpu::contiguous;
 use crate::error::NnError;
 
 use super::elementwise::{cpu_bwd, cpu_fwd, map};
+use super::rows::{tensor, with_slices};
 use super::simd::simd_dispatch;
 use crate::dispatch::cpu_kernel;
 use crate::float::Float;
@@ -179,6 +180,18 @@ fn silu_mul_fwd<T: Float>(g: &[T], u: &[T]) -> Vec<T> {
     })
 }
 
+/// [`silu_mul_bwd`] on the CPU tensors `(gate, up, grad)`: `(d gate, d up)`.
+fn silu_mul_bwd_tensors<T: Float>(
+    gate: &Tensor,
+    up: &Tensor,
+    grad: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    with_slices::<T, _>(&[gate, up, grad], "silu_mul", |s| {
+        let (dg, du) = silu_mul_bwd(s[0], s[1], s[2]);
+        Ok((tensor(dg, gate.shape())?, tensor(du, gate.shape())?))
+    })
+}
+
 fn silu_mul_bwd<T: Float>(g: &[T], u: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
     let work = g.len().saturating_mul(4);
     let dg = map(g.len(), work, |out, at| {
@@ -227,49 +240,16 @@ impl CustomOp2 for SiluMulOp {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let what = "silu_mul";
-        let grad = grad.contiguous()?;
-        let (gs, gl) = gate.storage_and_layout();
-        let (us, ul) = up.storage_and_layout();
-        let (ds, dl) = grad.storage_and_layout();
-        let (
-            candle_core::Storage::Cpu(gs),
-            candle_core::Storage::Cpu(us),
-            candle_core::Storage::Cpu(ds),
-        ) = (&*gs, &*us, &*ds)
-        else {
-            candle_core::bail!("{what}: the fused backward got a tensor off the CPU");
-        };
-        if dl.shape() != gl.shape() {
+        if grad.shape() != gate.shape() {
             candle_core::bail!(
                 "{what}: gradient of shape {:?} for {:?}",
-                dl.dims(),
-                gl.dims()
+                grad.dims(),
+                gate.dims()
             );
         }
-        let (shape, dev) = (gate.shape(), gate.device());
-        let (dg, du) = match gs {
-            CpuStorage::F32(_) => {
-                let (a, b) = silu_mul_bwd::<f32>(
-                    contiguous(gs, gl, what)?,
-                    contiguous(us, ul, what)?,
-                    contiguous(ds, dl, what)?,
-                );
-                (
-                    Tensor::from_vec(a, shape, dev)?,
-                    Tensor::from_vec(b, shape, dev)?,
-                )
-            }
-            CpuStorage::F64(_) => {
-                let (a, b) = silu_mul_bwd::<f64>(
-                    contiguous(gs, gl, what)?,
-                    contiguous(us, ul, what)?,
-                    contiguous(ds, dl, what)?,
-                );
-                (
-                    Tensor::from_vec(a, shape, dev)?,
-                    Tensor::from_vec(b, shape, dev)?,
-                )
-            }
+        let (dg, du) = match gate.dtype() {
+            DType::F32 => silu_mul_bwd_tensors::<f32>(gate, up, grad)?,
+            DType::F64 => silu_mul_bwd_tensors::<f64>(gate, up, grad)?,
             _ => candle_core::bail!("{what}: the fused kernel runs on f32 or f64 only"),
         };
         Ok((Some(dg), Some(du)))
