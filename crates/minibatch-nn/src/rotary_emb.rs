@@ -83,6 +83,11 @@ pub fn rope_i(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// Rotary embedding of `xs` laid out `(b, t, h, d)`, rotating the two halves
 /// of each head, as `candle_nn::rotary_emb::rope_thd`.
 ///
+/// `xs` may also be `(b, t, h · d)`, the layout a projection gives, with the
+/// head size `d` read from the tables (`cos`, `sin` of `d / 2` columns): the
+/// same numbers as on its `(b, t, h, d)` view, without the reshape nodes
+/// (each a zero-filled buffer and an addition in candle's backward pass).
+///
 /// ```
 /// use candle_core::{Device, Tensor};
 /// # fn main() -> candle_core::Result<()> {
@@ -139,6 +144,19 @@ impl Geometry {
         let name = kind.name();
         let (b, h, t, d) = match kind {
             Kind::Halves | Kind::Interleaved => xs.dims4()?,
+            Kind::Thd if xs.rank() == 3 => {
+                // (b, t, h · d), as a projection gives it: d from the tables.
+                let (b, t, hd) = xs.dims3()?;
+                let d = 2 * cos.dims().last().copied().unwrap_or(0);
+                if d == 0 || hd % d != 0 {
+                    return Err(NnError::ShapeMismatch(format!(
+                        "{name}: xs {:?} of rank 3 needs a last dimension that is a multiple of the head size 2 · cos.dim(-1) = {d}",
+                        xs.shape()
+                    ))
+                    .into());
+                }
+                (b, hd / d, t, d)
+            }
             Kind::Thd => {
                 let (b, t, h, d) = xs.dims4()?;
                 (b, h, t, d)
@@ -216,6 +234,10 @@ fn apply(xs: &Tensor, cos: &Tensor, sin: &Tensor, kind: Kind) -> Result<Tensor> 
 /// `rope_i_slow`, extended to per-batch tables), differentiated by candle.
 fn tensor_ops(xs: &Tensor, cos: &Tensor, sin: &Tensor, g: &Geometry) -> Result<Tensor> {
     let (b, h, t, d) = (g.b, g.h, g.t, g.d);
+    if xs.rank() == 3 {
+        // (b, t, h · d): the same rotation on the (b, t, h, d) view.
+        return tensor_ops(&xs.reshape((b, t, h, d))?, cos, sin, g)?.reshape(xs.shape());
+    }
     let half = d / 2;
     let table = |c: &Tensor| -> Result<Tensor> {
         let (c, cb) = match c.rank() {

@@ -271,8 +271,9 @@ fn bad_shapes_are_errors() {
             "wrong batch"
         );
         assert!(ours(&x, &t(&[4]), &t(&[4])).is_err(), "1-D table");
+        // 3-D: never for rope / rope_i; for rope_thd only (b, t, h · d).
         assert!(
-            ours(&t(&[3, 4, 8]), &t(&[4, 4]), &t(&[4, 4])).is_err(),
+            ours(&t(&[3, 4, 12]), &t(&[4, 4]), &t(&[4, 4])).is_err(),
             "3-D x"
         );
         assert!(
@@ -330,4 +331,55 @@ fn candle_nn_rope_drops_the_gradient_ours_does_not() {
                 > 0.0
         );
     }
+}
+
+/// `rope_thd` on `(b, t, h · d)` is the `(b, t, h, d)` rotation to the bit,
+/// values and input gradients, on both paths (f32 and f64, per-batch
+/// tables too); a last dimension that is not a multiple of the head size
+/// is an error naming it.
+#[test]
+fn rope_thd_on_projection_layout() {
+    let (b, t, h, d) = (2, 5, 3, 8);
+    for dtype in [DType::F32, DType::F64] {
+        for per_batch in [false, true] {
+            let tshape: Vec<usize> = if per_batch {
+                vec![b, t + 2, d / 2]
+            } else {
+                vec![t, d / 2]
+            };
+            let (c, s) = (randn(&tshape, dtype, 21), randn(&tshape, dtype, 22));
+            let x0 = randn(&[b, t, h * d], dtype, 23);
+            let r = randn(&[b, t, h * d], dtype, 24);
+            both_paths(|forced| {
+                let what = format!("{dtype:?} per-batch {per_batch} tensor path {forced}");
+                let x3 = Var::from_tensor(&x0).unwrap();
+                let y3 = rope_thd(x3.as_tensor(), &c, &s).unwrap();
+                assert_eq!(y3.dims(), &[b, t, h * d], "{what}");
+                let g3 = weighted_sum(&y3, &r).backward().unwrap();
+                let x4 = Var::from_tensor(&x0.reshape((b, t, h, d)).unwrap()).unwrap();
+                let y4 = rope_thd(x4.as_tensor(), &c, &s).unwrap();
+                let g4 = weighted_sum(&y4, &r.reshape((b, t, h, d)).unwrap())
+                    .backward()
+                    .unwrap();
+                let flat = |x: &Tensor| x.reshape((b, t, h * d)).unwrap();
+                assert_close(&y3, &flat(&y4), Tol::exact(), &format!("values, {what}"));
+                assert_close(
+                    g3.get(x3.as_tensor()).unwrap(),
+                    &flat(g4.get(x4.as_tensor()).unwrap()),
+                    Tol::exact(),
+                    &format!("gradients, {what}"),
+                );
+            });
+        }
+    }
+    let (c, s) = (
+        randn(&[t, d / 2], DType::F32, 25),
+        randn(&[t, d / 2], DType::F32, 26),
+    );
+    let bad = randn(&[b, t, h * d + 4], DType::F32, 27);
+    let err = rope_thd(&bad, &c, &s).unwrap_err().to_string();
+    assert!(
+        err.contains("rope_thd") && err.contains("multiple"),
+        "{err}"
+    );
 }

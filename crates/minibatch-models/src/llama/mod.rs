@@ -42,7 +42,6 @@ pub struct Attention {
     /// `self_attn.o_proj`.
     pub o_proj: Projection,
     heads: usize,
-    kv_heads: usize,
     head_dim: usize,
     dropout: Dropout,
 }
@@ -123,7 +122,6 @@ impl Attention {
             v_proj: lin(e, hk * hd, "v_proj")?,
             o_proj: lin(h * hd, e, "o_proj")?,
             heads: h,
-            kv_heads: hk,
             head_dim: hd,
             dropout: Dropout::new(cfg.attention_dropout),
         })
@@ -137,14 +135,13 @@ impl Attention {
         mask: Option<&Tensor>,
         train: bool,
     ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
         let hd = self.head_dim;
-        // q and k (b, t, heads, hd), rotated in that layout; v (b, t, kv_heads · hd);
-        // the attention reads these layouts and writes (b, t, heads, hd).
+        // q (b, t, heads · hd), k and v (b, t, kv_heads · hd) as the
+        // projections give them, rotated in that layout (the head size from
+        // the tables); the attention reads these layouts and writes
+        // (b, t, heads · hd): no reshape nodes around it.
         let q = self.q_proj.forward_t(x, train)?;
-        let q = q.reshape((b, t, self.heads, hd))?;
         let k = self.k_proj.forward_t(x, train)?;
-        let k = k.reshape((b, t, self.kv_heads, hd))?;
         let v = self.v_proj.forward_t(x, train)?;
         let q = rope_thd(&q, cos, sin)?;
         let k = rope_thd(&k, cos, sin)?;
@@ -160,7 +157,6 @@ impl Attention {
             &self.dropout,
             train,
         )?;
-        let o = o.reshape((b, t, self.heads * hd))?;
         self.o_proj.forward_t(&o, train)
     }
 }
