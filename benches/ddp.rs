@@ -302,10 +302,11 @@ fn llama_rank(group: Arc<dyn ProcessGroup>) -> anyhow::Result<Measured> {
         Ok(Tensor::from_vec(v, shape, &dev)?)
     };
     let x = tokens(&[b, t])?;
-    let y = tokens(&[b * t])?;
+    let y = tokens(&[b, t])?;
     let step = |buckets: &mut GradBuckets| -> anyhow::Result<()> {
+        // (b, t, vocab) logits against (b, t) next tokens.
         let logits = model.forward_t(&x, true)?;
-        let loss = cross_entropy(&logits.reshape((b * t, LLAMA_VOCAB))?, &y)?;
+        let loss = cross_entropy(&logits, &y)?;
         let mut grads = loss.backward()?;
         buckets.all_reduce_mean(group.as_ref(), &mut grads)?;
         opt.step(&grads)?;

@@ -136,7 +136,7 @@ fn setup(s: &Shape) -> Setup {
             .collect()
     };
     let x = Tensor::from_vec(ids(0), (s.batch, s.seq), &dev).unwrap();
-    let y = Tensor::from_vec(ids(1), n, &dev).unwrap();
+    let y = Tensor::from_vec(ids(1), (s.batch, s.seq), &dev).unwrap();
     Setup {
         model,
         opt,
@@ -150,10 +150,9 @@ fn setup(s: &Shape) -> Setup {
 
 impl Setup {
     fn step(&mut self) {
+        // (b, t, vocab) logits against (b, t) next tokens.
         let logits = self.model.forward_masked(&self.x, None, true).unwrap();
-        let (b, t, v) = logits.dims3().unwrap();
-        let loss = minibatch_nn::loss::cross_entropy(&logits.reshape((b * t, v)).unwrap(), &self.y)
-            .unwrap();
+        let loss = minibatch_nn::loss::cross_entropy(&logits, &self.y).unwrap();
         let grads = loss.backward().unwrap();
         self.opt.step(&grads).unwrap();
     }

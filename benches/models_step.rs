@@ -167,13 +167,9 @@ impl Setup {
                 let [x, y] = &self.inputs[..] else {
                     unreachable!()
                 };
+                // (b, t, vocab) logits against (b, t) next tokens.
                 let logits = candle_core::ModuleT::forward_t(m.as_ref(), x, true).unwrap();
-                let (b, t, v) = logits.dims3().unwrap();
-                cross_entropy(
-                    &logits.reshape((b * t, v)).unwrap(),
-                    &y.flatten_all().unwrap(),
-                )
-                .unwrap()
+                cross_entropy(&logits, y).unwrap()
             }
         };
         let t1 = Instant::now();

@@ -242,9 +242,9 @@ fn step(model: &Lm, batch: &Batch, train: bool) -> candle_core::Result<StepOutpu
     let [x, y] = batch.tensors() else {
         candle_core::bail!("the language-model step wants (tokens, targets) batches");
     };
+    // (b, t, vocab) logits against (b, t) next tokens: every position a row.
     let logits = model.forward_t(x, train)?;
-    let (b, t, v) = logits.dims3()?;
-    let loss = cross_entropy(&logits.reshape((b * t, v))?, &y.flatten_all()?)?;
+    let loss = cross_entropy(&logits, y)?;
     Ok(StepOutput::new(loss))
 }
 

@@ -211,8 +211,8 @@ fn write_tokens(path: &Path, ids: &[u32]) -> Result<()> {
 
 /// transformers' causal-LM loss over (inputs, next tokens) windows.
 fn lm_loss(logits: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
-    let (b, t, v) = logits.dims3()?;
-    minibatch::nn::loss::cross_entropy(&logits.reshape((b * t, v))?, &y.reshape(b * t)?)
+    // (b, t, vocab) logits against (b, t) next tokens: every position a row.
+    minibatch::nn::loss::cross_entropy(logits, y)
 }
 
 fn step(model: &Llama, batch: &Batch, train: bool) -> candle_core::Result<StepOutput> {

@@ -26,6 +26,13 @@ use crate::NnError;
 /// * `target`: class ids of shape `(batch,)`, `u32`, `i64` or `u8`, each in
 ///   `0..classes`.
 ///
+/// Logits of shape `(..., classes)` with targets of shape `(...)` are taken
+/// too, every position one row: a language model's `(b, t, vocab)` logits
+/// against its `(b, t)` next tokens give the mean over all `b · t`
+/// positions, the same bits as flattening both to `(b · t, vocab)` and
+/// `(b · t,)`, without the reshape node (on the CPU a zero-filled buffer and
+/// an addition the size of the logits in the backward pass).
+///
 /// With `x` the logits of row `i`, `t` its class and `B` the batch size,
 ///
 /// ```text
@@ -43,8 +50,8 @@ use crate::NnError;
 /// [`set_tensor_path(true)`](crate::set_tensor_path), the same maths runs as
 /// candle tensor ops.
 ///
-/// Errors: `inp` not of rank 2, `target` not of rank 1 or of another batch
-/// size, an empty batch or zero classes, non-integer ids, an id out of range.
+/// Errors: `inp` of rank below 2, `target` not of `inp`'s leading shape
+/// (rank 1 and the batch size for rank-2 logits), an empty batch or zero classes, non-integer ids, an id out of range.
 ///
 /// ```
 /// use candle_core::{Device, Tensor, Var};
@@ -62,15 +69,39 @@ use crate::NnError;
 /// # Ok(()) }
 /// ```
 pub fn cross_entropy(inp: &Tensor, target: &Tensor) -> candle_core::Result<Tensor> {
-    let (b, _c) = class_shapes("cross_entropy", inp, target)?;
-    if cpu_kernel(inp) && target.device().is_cpu() && matches!(inp.dtype(), DType::F32 | DType::F64)
-    {
+    let fused = cpu_kernel(inp)
+        && target.device().is_cpu()
+        && matches!(inp.dtype(), DType::F32 | DType::F64);
+    if inp.rank() > 2 {
+        // (..., classes) with targets (...): the rows of the flattened
+        // leading dimensions.
+        let (lead, c) = inp.dims().split_at(inp.rank() - 1);
+        if target.dims() != lead {
+            return Err(NnError::ShapeMismatch(format!(
+                "cross_entropy: the target must have shape {lead:?} to match the input {:?}, got {:?}",
+                inp.dims(),
+                target.dims()
+            ))
+            .into());
+        }
+        let (rows, c) = (lead.iter().product::<usize>(), c[0]);
+        let (flat, flat_target) = (inp.reshape((rows, c))?, target.flatten_all()?);
+        if !fused {
+            return cross_entropy(&flat, &flat_target);
+        }
+        // The checks on the flat views; the op takes the tensor as it is,
+        // so no reshape node stands between it and the logits.
+        class_shapes("cross_entropy", &flat, &flat_target)?;
+    } else {
+        class_shapes("cross_entropy", inp, target)?;
+    }
+    if fused {
         let op: Arc<Box<dyn CustomOp2 + Send + Sync>> =
             Arc::new(Box::new(CrossEntropyOp::default()));
         inp.contiguous()?.apply_op2_arc(&target.contiguous()?, op)
     } else {
         check_ids("cross_entropy", target, inp.dim(1)?)?;
-        nll_unchecked(&log_softmax_rows(inp)?, target, b)
+        nll_unchecked(&log_softmax_rows(inp)?, target, inp.dim(0)?)
     }
 }
 
@@ -82,7 +113,7 @@ pub fn cross_entropy(inp: &Tensor, target: &Tensor) -> candle_core::Result<Tenso
 /// `loss = -1/B Σᵢ inpᵢ,ₜᵢ`, computed as candle-nn does (gather, sum, scale),
 /// so its value and gradient (`-1/B` at each picked entry) are candle's.
 ///
-/// Errors: as [`cross_entropy`].
+/// Errors: as [`cross_entropy`]; `nll` takes rank-2 input only.
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
@@ -282,7 +313,7 @@ impl CustomOp2 for CrossEntropyOp {
         t: &CpuStorage,
         lt: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (_, c) = lx.shape().dims2()?;
+        let c = lx.dims().last().copied().unwrap_or(0);
         let ids = ClassIds::new(t, lt, "cross_entropy")?;
         let (loss, stats) = match x {
             CpuStorage::F32(_) => {
@@ -310,7 +341,7 @@ impl CustomOp2 for CrossEntropyOp {
         let Some(saved) = self.saved.get() else {
             candle_core::bail!("cross_entropy: backward before forward");
         };
-        let (b, c) = x.dims2()?;
+        let (c, shape) = (x.dim(candle_core::D::Minus1)?, x.shape());
         let dx = with_cpu(x, |xs, lx| {
             with_cpu(target, |ts, lt| {
                 let ids = ClassIds::new(ts, lt, "cross_entropy")?;
@@ -318,12 +349,12 @@ impl CustomOp2 for CrossEntropyOp {
                     (CpuStorage::F32(_), CpuStorage::F32(stats)) => {
                         let x = contiguous::<f32>(xs, lx, "cross_entropy")?;
                         let g = grad.to_scalar::<f32>()?;
-                        Tensor::from_vec(ce_backward(x, &ids, stats, c, g), (b, c), &Device::Cpu)?
+                        Tensor::from_vec(ce_backward(x, &ids, stats, c, g), shape, &Device::Cpu)?
                     }
                     (CpuStorage::F64(_), CpuStorage::F64(stats)) => {
                         let x = contiguous::<f64>(xs, lx, "cross_entropy")?;
                         let g = grad.to_scalar::<f64>()?;
-                        Tensor::from_vec(ce_backward(x, &ids, stats, c, g), (b, c), &Device::Cpu)?
+                        Tensor::from_vec(ce_backward(x, &ids, stats, c, g), shape, &Device::Cpu)?
                     }
                     _ => candle_core::bail!("cross_entropy: unexpected dtype in backward"),
                 })

@@ -278,3 +278,50 @@ fn no_gradient_for_targets_or_plain_inputs() {
     let loss = cross_entropy(&x, &t).unwrap();
     assert!(loss.backward().unwrap().get(&x).is_none());
 }
+
+/// `(..., classes)` logits with `(...)` targets: the flattened computation
+/// to the bit, loss and gradient, on both paths; a target of another shape
+/// is an error naming both.
+#[test]
+fn cross_entropy_over_positions_is_the_flattened_loss() {
+    let dev = Device::Cpu;
+    let (b, t, c) = (3, 67, 129);
+    for dtype in [DType::F32, DType::F64] {
+        let x0 = common::randn(0f32, 3.0, (b, t, c), &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let ids: Vec<u32> = (0..(b * t) as u32)
+            .map(|i| (i * 31 + 5) % c as u32)
+            .collect();
+        let y = Tensor::from_vec(ids, (b, t), &dev).unwrap();
+        both_paths(|forced| {
+            let what = format!("{dtype:?} tensor path {forced}");
+            let x3 = Var::from_tensor(&x0).unwrap();
+            let l3 = cross_entropy(x3.as_tensor(), &y).unwrap();
+            let g3 = l3.backward().unwrap();
+            let g3 = g3.get(x3.as_tensor()).unwrap();
+            assert_eq!(g3.dims(), &[b, t, c], "{what}");
+            let x2 = Var::from_tensor(&x0.reshape((b * t, c)).unwrap()).unwrap();
+            let l2 = cross_entropy(x2.as_tensor(), &y.flatten_all().unwrap()).unwrap();
+            let g2 = l2.backward().unwrap();
+            let g2 = g2.get(x2.as_tensor()).unwrap();
+            assert_close(&l3, &l2, Tol::exact(), &format!("loss, {what}"));
+            assert_close(
+                g3,
+                &g2.reshape((b, t, c)).unwrap(),
+                Tol::exact(),
+                &format!("gradient, {what}"),
+            );
+        });
+    }
+    let x = Tensor::zeros((2, 3, 4), DType::F32, &dev).unwrap();
+    for bad in [vec![6usize], vec![3, 2], vec![2, 3, 1]] {
+        let y = Tensor::zeros(bad.as_slice(), DType::U32, &dev).unwrap();
+        let e = cross_entropy(&x, &y).unwrap_err().to_string();
+        assert!(
+            e.contains("cross_entropy") && e.contains("[2, 3]"),
+            "{bad:?}: {e}"
+        );
+    }
+}
