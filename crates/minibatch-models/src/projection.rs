@@ -123,6 +123,16 @@ impl Projection {
             p => p.as_linear().forward(x),
         }
     }
+
+    /// `residual + self.forward_t(x, train)`, the residual sum of a block
+    /// as one node with the product where the layer allows
+    /// ([`Linear::forward_add`]: the same bits).
+    pub fn forward_add_t(&self, x: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
+        match self {
+            Self::Lora(l) => residual + l.forward_t(x, train)?,
+            p => p.as_linear().forward_add(x, residual),
+        }
+    }
 }
 
 impl Module for Projection {

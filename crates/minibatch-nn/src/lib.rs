@@ -21,6 +21,7 @@ mod ids;
 mod init;
 mod layer_norm;
 mod linear;
+mod linear_residual;
 mod lora_linear;
 pub mod loss;
 pub mod malloc;

@@ -277,7 +277,7 @@ pub(crate) fn forward_vec<T: Float>(
 
 /// The gradients of `(x, w, b)` from `grad (..., N)` (as `(M, N)`); `dx`
 /// (of `x`'s shape) only when `want_dx`.
-fn backward<T: Float>(
+pub(crate) fn backward<T: Float>(
     x: &Tensor,
     w: &Tensor,
     grad: &Tensor,

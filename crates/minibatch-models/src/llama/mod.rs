@@ -127,9 +127,11 @@ impl Attention {
         })
     }
 
-    fn forward(
+    /// `residual + o_proj(attention(x))`.
+    fn forward_add(
         &self,
         x: &Tensor,
+        residual: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
         mask: Option<&Tensor>,
@@ -157,7 +159,7 @@ impl Attention {
             &self.dropout,
             train,
         )?;
-        self.o_proj.forward_t(&o, train)
+        self.o_proj.forward_add_t(&o, residual, train)
     }
 }
 
@@ -180,7 +182,8 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    /// `residual + down(act(gate(x)) · up(x))`.
+    fn forward_add(&self, x: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
         let gate = self.gate_proj.forward_t(x, train)?;
         let up = self.up_proj.forward_t(x, train)?;
         // SiLU (Llama's default): activation and product in one op.
@@ -188,7 +191,7 @@ impl Mlp {
             Activation::Silu => minibatch_nn::ops::silu_mul(&gate, &up)?,
             act => (act.forward(&gate)? * up)?,
         };
-        self.down_proj.forward_t(&h, train)
+        self.down_proj.forward_add_t(&h, residual, train)
     }
 }
 
@@ -215,10 +218,11 @@ impl DecoderLayer {
         mask: Option<&Tensor>,
         train: bool,
     ) -> Result<Tensor> {
+        // The residual sums ride in the output projections (one node each).
         let h = self.input_layernorm.forward(x)?;
-        let x = (x + self.self_attn.forward(&h, cos, sin, mask, train)?)?;
+        let x = self.self_attn.forward_add(&h, x, cos, sin, mask, train)?;
         let h = self.post_attention_layernorm.forward(&x)?;
-        x + self.mlp.forward(&h, train)?
+        self.mlp.forward_add(&h, &x, train)
     }
 }
 
