@@ -277,7 +277,7 @@ pub(crate) fn forward_vec<T: Float>(
 
 /// The gradients of `(x, w, b)` from `grad (..., N)` (as `(M, N)`); `dx`
 /// (of `x`'s shape) only when `want_dx`.
-pub(crate) fn backward<T: Float>(
+fn backward<T: Float>(
     x: &Tensor,
     w: &Tensor,
     grad: &Tensor,
@@ -322,7 +322,7 @@ pub(crate) fn backward<T: Float>(
 }
 
 /// The gradients of the tracked inputs only (`b`: the bias, if any).
-fn dispatch_backward(
+pub(crate) fn dispatch_backward(
     x: &Tensor,
     w: &Tensor,
     b: Option<&Tensor>,

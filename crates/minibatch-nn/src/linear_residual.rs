@@ -10,12 +10,12 @@
 //! gradients are [`Linear`]'s. Values and gradients are bit-identical to
 //! `residual + layer.forward(x)` (tested).
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Module, Shape, Tensor};
 
 use crate::cpu::contiguous;
 use crate::dispatch::cpu_kernel;
 use crate::float::Float;
-use crate::linear::{backward, forward_vec};
+use crate::linear::{dispatch_backward, forward_vec};
 use crate::split::{parts, run_parts};
 use crate::Linear;
 
@@ -117,12 +117,8 @@ impl CustomOp3 for LinearAddOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (want_dx, want_dw) = (x.track_op(), w.track_op());
-        let (dx, dw, _) = match x.dtype() {
-            DType::F32 => backward::<f32>(x, w, grad, want_dx, want_dw, false)?,
-            DType::F64 => backward::<f64>(x, w, grad, want_dx, want_dw, false)?,
-            dt => candle_core::bail!("forward_add: the fused op takes f32 or f64, got {dt:?}"),
-        };
+        // The product's gradients are the plain layer's.
+        let (dx, dw, _) = dispatch_backward(x, w, None, grad)?;
         // The sum's backward: the residual gets the output gradient as it is.
         let dr = r.track_op().then(|| grad.clone());
         Ok((dx, dw, dr))
